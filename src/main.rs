@@ -1,0 +1,185 @@
+//! The command line: thin wiring over the library. anyhow lives here only.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use anotador::bundle::{Aggregation, ScoreFunction};
+use anotador::eval::DataFormat;
+use anotador::message::{self, ErrorEnvelope, PayloadFormat, ResultEnvelope};
+use anotador::{Annotator, Bundle, TaskOptions};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Offline Spanish text annotation with int8 transformer encoders"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Annotate lines of stdin (text, or JSON objects with --format json); one JSON result per line.
+    Annotate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// How each input line is read.
+        #[arg(long, value_enum, default_value = "text")]
+        format: PayloadFormat,
+        /// Lines longer than this many bytes get a `payload_too_large` error.
+        #[arg(long, default_value_t = 1 << 20)]
+        max_bytes: usize,
+    },
+    /// Score a bundle on labelled data: CoNLL (entity F1), CoNLL-U (UPOS accuracy), or TSV (accuracy, macro-F1).
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        data: PathBuf,
+        /// Data format; guessed from the extension (.conllu, .tsv, else CoNLL).
+        #[arg(long, value_enum)]
+        data_format: Option<DataFormat>,
+        /// Worker threads, each with its own engine state.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Score only the first N items.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Load and check model bundles without running anything; non-zero exit on any problem.
+    Check {
+        /// Bundle folders.
+        #[arg(long = "model", required = true)]
+        models: Vec<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model bundle folder (model.onnx, tokenizer.json, config.json, README.md).
+    #[arg(long)]
+    model: PathBuf,
+    /// Token classification grouping; default: the bundle's (simple for BIO tags).
+    #[arg(long, value_enum)]
+    aggregation: Option<Aggregation>,
+    /// Text classification: labels returned (0 = all); default 1.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Text classification: softmax, sigmoid or none; default from the bundle's problem_type.
+    #[arg(long, value_enum)]
+    function_to_apply: Option<ScoreFunction>,
+    /// Tokens per window (default: the model's maximum).
+    #[arg(long)]
+    window: Option<usize>,
+    /// Tokens shared by neighbouring windows.
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Windows one text may need before it is refused as `text_too_long`.
+    #[arg(long)]
+    max_windows: Option<usize>,
+}
+
+impl ModelArgs {
+    fn load(&self) -> anyhow::Result<Annotator> {
+        let bundle = Arc::new(Bundle::load(&self.model)?);
+        let options = TaskOptions {
+            aggregation: self.aggregation,
+            top_k: self.top_k,
+            function_to_apply: self.function_to_apply,
+            window: self.window,
+            stride: self.stride,
+            max_windows: self.max_windows,
+        };
+        Ok(Annotator::new(bundle, &options)?)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    match Cli::parse().command {
+        Command::Annotate {
+            model,
+            format,
+            max_bytes,
+        } => annotate(&model.load()?, format, max_bytes),
+        Command::Eval {
+            model,
+            data,
+            data_format,
+            threads,
+            limit,
+        } => {
+            let annotator = model.load()?;
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let format = data_format.unwrap_or_else(|| DataFormat::guess(&data));
+            let report = anotador::eval::run(&annotator, &data, format, threads, limit)
+                .with_context(|| format!("evaluating on {}", data.display()))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Check { models } => {
+            for dir in &models {
+                let bundle = Bundle::load(dir)?;
+                println!(
+                    "{}: ok ({}, {}, {} labels, max {} tokens, {})",
+                    dir.display(),
+                    bundle.config.model_type,
+                    bundle.config.task.as_str(),
+                    bundle.config.labels.len(),
+                    bundle.config.max_length,
+                    serde_json::to_string(bundle.engine.info())?
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// One result or one error per input line, in order; a bad line never stops the run.
+fn annotate(annotator: &Annotator, format: PayloadFormat, max_bytes: usize) -> anyhow::Result<()> {
+    let bundle = annotator.bundle();
+    let mut state = bundle.engine.state()?;
+    let stdin = std::io::stdin();
+    let mut input = stdin.lock();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if input.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        let json = match message::parse(&line, format, max_bytes) {
+            Err((id, error)) => {
+                serde_json::to_string(&ErrorEnvelope::new(&bundle.name, id.as_ref(), &error))?
+            }
+            Ok(request) => {
+                match annotator.annotate(&mut state, &request.text, request.text_pair.as_deref()) {
+                    Ok(annotation) => serde_json::to_string(&ResultEnvelope::new(
+                        &bundle.name,
+                        annotator.task().as_str(),
+                        &request,
+                        &annotation,
+                    ))?,
+                    Err(error) => serde_json::to_string(&ErrorEnvelope::new(
+                        &bundle.name,
+                        request.id.as_ref(),
+                        &error,
+                    ))?,
+                }
+            }
+        };
+        writeln!(out, "{json}")?;
+        out.flush()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! Messages in and out: payload parsing and validation, and the JSON envelope that
+//! `annotate` prints and the daemon publishes. One shape for both, so a pipeline
+//! built against the CLI works unchanged against the daemon.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::tasks::{Annotation, Output, Timings};
+
+/// How payloads are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    /// The payload is the text itself.
+    Text,
+    /// `{"id": …, "text": …, "text_pair": …}`; other fields are echoed under `meta`.
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub id: Option<Value>,
+    pub text: String,
+    pub text_pair: Option<String>,
+    pub meta: Map<String, Value>,
+}
+
+/// Parses and validates one payload. On error, returns the id when it could be read,
+/// so the error result can still be matched to its input.
+pub fn parse(
+    payload: &[u8],
+    format: PayloadFormat,
+    max_bytes: usize,
+) -> Result<Request, (Option<Value>, Error)> {
+    if payload.len() > max_bytes {
+        return Err((
+            None,
+            Error::PayloadTooLarge {
+                size: payload.len(),
+                limit: max_bytes,
+            },
+        ));
+    }
+    let text = std::str::from_utf8(payload).map_err(|e| {
+        (
+            None,
+            Error::InvalidUtf8 {
+                offset: e.valid_up_to(),
+            },
+        )
+    })?;
+    match format {
+        PayloadFormat::Text => {
+            let text = text.strip_suffix('\n').unwrap_or(text);
+            let text = text.strip_suffix('\r').unwrap_or(text);
+            if text.trim().is_empty() {
+                return Err((None, Error::EmptyText));
+            }
+            Ok(Request {
+                id: None,
+                text: text.to_string(),
+                text_pair: None,
+                meta: Map::new(),
+            })
+        }
+        PayloadFormat::Json => parse_json(text),
+    }
+}
+
+fn parse_json(text: &str) -> Result<Request, (Option<Value>, Error)> {
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| (None, Error::InvalidJson(e.to_string())))?;
+    let Value::Object(mut object) = value else {
+        return Err((None, Error::InvalidJson("expected a JSON object".into())));
+    };
+    let id = object.remove("id");
+    if let Some(id) = &id {
+        if !(id.is_string() || id.is_number()) {
+            return Err((
+                None,
+                Error::InvalidRequest("`id` must be a string or a number".into()),
+            ));
+        }
+    }
+    let fail = |e: Error| (id.clone(), e);
+    let text = match object.remove("text") {
+        Some(Value::String(s)) => s,
+        _ => return Err(fail(Error::MissingField { field: "text" })),
+    };
+    if text.trim().is_empty() {
+        return Err(fail(Error::EmptyText));
+    }
+    let text_pair = match object.remove("text_pair") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(_) => {
+            return Err(fail(Error::InvalidRequest(
+                "`text_pair` must be a string".into(),
+            )))
+        }
+    };
+    Ok(Request {
+        id,
+        text,
+        text_pair,
+        meta: object,
+    })
+}
+
+/// A result, as published.
+#[derive(Debug, Serialize)]
+pub struct ResultEnvelope<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic: Option<&'a str>,
+    pub id: Option<&'a Value>,
+    pub model: &'a str,
+    pub task: &'a str,
+    pub result: &'a Output,
+    pub windows: usize,
+    pub tokens: usize,
+    pub timings_ms: &'a Timings,
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    pub meta: &'a Map<String, Value>,
+}
+
+impl<'a> ResultEnvelope<'a> {
+    pub fn new(
+        model: &'a str,
+        task: &'a str,
+        request: &'a Request,
+        annotation: &'a Annotation,
+    ) -> Self {
+        ResultEnvelope {
+            topic: None,
+            id: request.id.as_ref(),
+            model,
+            task,
+            result: &annotation.result,
+            windows: annotation.windows,
+            tokens: annotation.tokens,
+            timings_ms: &annotation.timings,
+            meta: &request.meta,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub code: &'static str,
+    pub reason: String,
+}
+
+/// An error, as published on the error topic.
+#[derive(Debug, Serialize)]
+pub struct ErrorEnvelope<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic: Option<&'a str>,
+    pub id: Option<&'a Value>,
+    pub model: &'a str,
+    pub error: ErrorBody,
+}
+
+impl<'a> ErrorEnvelope<'a> {
+    pub fn new(model: &'a str, id: Option<&'a Value>, error: &Error) -> Self {
+        ErrorEnvelope {
+            topic: None,
+            id,
+            model,
+            error: ErrorBody {
+                code: error.code(),
+                reason: error.to_string(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(r: Result<Request, (Option<Value>, Error)>) -> &'static str {
+        r.unwrap_err().1.code()
+    }
+
+    #[test]
+    fn bad_payloads_get_their_codes() {
+        assert_eq!(
+            code(parse(b"\xff\xfe", PayloadFormat::Text, 100)),
+            "invalid_utf8"
+        );
+        assert_eq!(
+            code(parse(b"   \n", PayloadFormat::Text, 100)),
+            "empty_text"
+        );
+        assert_eq!(
+            code(parse(&[b'a'; 101], PayloadFormat::Text, 100)),
+            "payload_too_large"
+        );
+        assert_eq!(
+            code(parse(b"{\"text\": ", PayloadFormat::Json, 100)),
+            "invalid_json"
+        );
+        assert_eq!(
+            code(parse(b"[1]", PayloadFormat::Json, 100)),
+            "invalid_json"
+        );
+        assert_eq!(
+            code(parse(b"{\"id\": 1}", PayloadFormat::Json, 100)),
+            "missing_text"
+        );
+        assert_eq!(
+            code(parse(b"{\"text\": 3}", PayloadFormat::Json, 100)),
+            "missing_text"
+        );
+        assert_eq!(
+            code(parse(b"{\"text\": \" \"}", PayloadFormat::Json, 100)),
+            "empty_text"
+        );
+    }
+
+    #[test]
+    fn json_keeps_id_and_echoes_extra_fields() {
+        let r = parse(
+            br#"{"id": "a1", "text": "Hola", "sensor": 7}"#,
+            PayloadFormat::Json,
+            100,
+        )
+        .unwrap();
+        assert_eq!(r.id, Some(Value::from("a1")));
+        assert_eq!(r.text, "Hola");
+        assert_eq!(r.meta.get("sensor"), Some(&Value::from(7)));
+        let (id, err) = parse(br#"{"id": 9, "text": ""}"#, PayloadFormat::Json, 100).unwrap_err();
+        assert_eq!((id, err.code()), (Some(Value::from(9)), "empty_text"));
+    }
+}

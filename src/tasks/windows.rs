@@ -1,0 +1,237 @@
+//! Tokenization into model-sized windows.
+//!
+//! Text longer than the model's maximum is never silently truncated: it is cut
+//! into overlapping windows (`stride` tokens shared between neighbours), exactly as
+//! the Hugging Face pipelines do with `stride` (the same tokenizers code makes the
+//! overflow), and the task merges the windows' predictions.
+//!
+//! Offsets are converted to *character* (Unicode scalar) offsets, which is what
+//! the Hugging Face pipelines report and what a JSON consumer can slice with.
+
+use tokenizers::{PostProcessor, Tokenizer, TruncationDirection};
+
+use crate::engine::Batch;
+use crate::error::{Error, Result};
+
+/// One window of tokens, as fed to the model.
+#[derive(Debug, Clone)]
+pub struct Window {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+    pub special: Vec<bool>,
+    /// Character offsets into the first text (meaningless for special tokens).
+    pub offsets: Vec<(usize, usize)>,
+}
+
+/// Cuts text into windows of at most `max_length` tokens (special tokens included).
+#[derive(Clone)]
+pub struct Windower {
+    tokenizer: Tokenizer,
+    pub max_length: usize,
+    pub stride: usize,
+    pub max_windows: usize,
+    pad_id: u32,
+    type_ids: bool,
+}
+
+impl Windower {
+    pub fn new(
+        tokenizer: &Tokenizer,
+        max_length: usize,
+        stride: usize,
+        max_windows: usize,
+        pad_id: u32,
+        type_ids: bool,
+    ) -> Result<Windower> {
+        let specials = tokenizer
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false));
+        if stride + specials >= max_length {
+            return Err(Error::InvalidRequest(format!(
+                "stride {stride} must be smaller than the window of {max_length} tokens minus {specials} special tokens"
+            )));
+        }
+        let mut tokenizer = tokenizer.clone();
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(Windower {
+            tokenizer,
+            max_length,
+            stride,
+            max_windows: max_windows.max(1),
+            pad_id,
+            type_ids,
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Windows of one text, or of a text pair. A pair must fit one window: cutting
+    /// a premise/hypothesis pair apart would change what is being classified.
+    ///
+    /// The text is tokenized once, cut into overlapping parts of `max_length`
+    /// minus the special tokens, and each part gets its special tokens: what the
+    /// pipelines get from `return_overflowing_tokens` with `stride`. (The Rust
+    /// crate's own overflow through `TemplateProcessing` loses windows, so the
+    /// cut is done here with `Encoding::truncate`, which is flat and exact.)
+    pub fn encode(&self, text: &str, pair: Option<&str>) -> Result<Vec<Window>> {
+        let tokenizer_err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
+        let encodings = match pair {
+            Some(pair) => {
+                let encoding = self
+                    .tokenizer
+                    .encode((text, pair), true)
+                    .map_err(tokenizer_err)?;
+                if encoding.len() > self.max_length {
+                    return Err(Error::TextTooLong {
+                        needed: encoding.len().div_ceil(self.max_length),
+                        window: self.max_length,
+                        limit: 1,
+                    });
+                }
+                vec![encoding]
+            }
+            None => {
+                let mut encoding = self.tokenizer.encode(text, false).map_err(tokenizer_err)?;
+                let specials = self
+                    .tokenizer
+                    .get_post_processor()
+                    .map_or(0, |p| p.added_tokens(false));
+                let budget = self.max_length - specials;
+                if encoding.len() > budget {
+                    let step = budget - self.stride;
+                    let needed = 1 + (encoding.len() - budget).div_ceil(step);
+                    if needed > self.max_windows {
+                        return Err(Error::TextTooLong {
+                            needed,
+                            window: self.max_length,
+                            limit: self.max_windows,
+                        });
+                    }
+                    encoding.truncate(budget, self.stride, TruncationDirection::Right);
+                }
+                let rest = encoding.take_overflowing();
+                std::iter::once(encoding)
+                    .chain(rest)
+                    .map(|part| {
+                        self.tokenizer
+                            .post_process(part, None, true)
+                            .map_err(tokenizer_err)
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+        let chars = CharIndex::new(text);
+        Ok(encodings
+            .into_iter()
+            .map(|e| Window {
+                ids: e.get_ids().to_vec(),
+                type_ids: e.get_type_ids().to_vec(),
+                special: e
+                    .get_special_tokens_mask()
+                    .iter()
+                    .map(|&m| m != 0)
+                    .collect(),
+                offsets: e
+                    .get_offsets()
+                    .iter()
+                    .map(|&(s, t)| (chars.char_at(s), chars.char_at(t)))
+                    .collect(),
+            })
+            .collect())
+    }
+
+    /// Pads windows into one batch (padding is masked out by attention_mask).
+    pub fn batch(&self, windows: &[Window]) -> Batch {
+        let seq_len = windows.iter().map(|w| w.ids.len()).max().unwrap_or(0);
+        let rows = windows.len();
+        let mut batch = Batch {
+            rows,
+            seq_len,
+            input_ids: Vec::with_capacity(rows * seq_len),
+            attention_mask: Vec::with_capacity(rows * seq_len),
+            token_type_ids: Vec::with_capacity(rows * seq_len),
+        };
+        for w in windows {
+            let pad = seq_len - w.ids.len();
+            batch.input_ids.extend(w.ids.iter().map(|&i| i as i64));
+            batch
+                .input_ids
+                .extend(std::iter::repeat_n(self.pad_id as i64, pad));
+            batch
+                .attention_mask
+                .extend(std::iter::repeat_n(1, w.ids.len()));
+            batch.attention_mask.extend(std::iter::repeat_n(0, pad));
+            if self.type_ids {
+                batch
+                    .token_type_ids
+                    .extend(w.type_ids.iter().map(|&i| i as i64));
+                batch.token_type_ids.extend(std::iter::repeat_n(0, pad));
+            } else {
+                batch.token_type_ids.extend(std::iter::repeat_n(0, seq_len));
+            }
+        }
+        batch
+    }
+}
+
+/// Byte offset → character offset, by binary search over char starts.
+pub struct CharIndex {
+    starts: Vec<usize>,
+    len: usize,
+}
+
+impl CharIndex {
+    pub fn new(text: &str) -> CharIndex {
+        CharIndex {
+            starts: text.char_indices().map(|(b, _)| b).collect(),
+            len: text.len(),
+        }
+    }
+
+    pub fn char_at(&self, byte: usize) -> usize {
+        if byte >= self.len {
+            return self.starts.len();
+        }
+        match self.starts.binary_search(&byte) {
+            Ok(i) => i,
+            // Inside a character: tokenizers only reports char boundaries, but be safe.
+            Err(i) => i.saturating_sub(1),
+        }
+    }
+
+    fn byte_at(&self, ch: usize) -> usize {
+        self.starts.get(ch).copied().unwrap_or(self.len)
+    }
+
+    /// `text[start..end]` in characters; `text` must be the indexed text.
+    pub fn slice<'a>(&self, text: &'a str, start: usize, end: usize) -> &'a str {
+        let s = self.byte_at(start);
+        &text[s..self.byte_at(end).max(s)]
+    }
+
+    pub fn chars(&self) -> usize {
+        self.starts.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn char_offsets_count_scalars_not_bytes() {
+        let text = "Ñandú ganó";
+        let idx = CharIndex::new(text);
+        assert_eq!(idx.char_at(0), 0);
+        assert_eq!(idx.char_at("Ñandú".len()), 5);
+        assert_eq!(idx.char_at(text.len()), 10);
+        assert_eq!(idx.slice(text, 6, 10), "ganó");
+        assert_eq!(idx.slice(text, 0, 5), "Ñandú");
+        assert_eq!(idx.slice(text, 3, 3), "");
+        assert_eq!(idx.slice(text, 9, 99), "ó");
+    }
+}
