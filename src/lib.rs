@@ -7,11 +7,15 @@
 //! envelopes out). `eval` scores a bundle through the same path.
 
 pub mod bundle;
+pub mod config;
+pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod message;
+pub mod pipeline;
 pub mod tasks;
+pub mod transport;
 
 pub use bundle::Bundle;
 pub use error::{Error, Result};

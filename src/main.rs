@@ -51,10 +51,19 @@ enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
-    /// Load and check model bundles without running anything; non-zero exit on any problem.
+    /// Run the MQTT daemon.
+    Run {
+        /// The TOML configuration (see config/anotador.toml).
+        #[arg(long, default_value = "/etc/anotador/anotador.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration and load every model (or just bundles) without connecting;
+    /// non-zero exit on any problem.
     Check {
+        #[arg(long, required_unless_present = "models")]
+        config: Option<PathBuf>,
         /// Bundle folders.
-        #[arg(long = "model", required = true)]
+        #[arg(long = "model")]
         models: Vec<PathBuf>,
     },
 }
@@ -100,8 +109,15 @@ impl ModelArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    // The daemon reports its life at info; the one-shot commands stay quiet.
+    let level = if matches!(cli.command, Command::Run { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    match cli.command {
         Command::Annotate {
             model,
             format,
@@ -123,7 +139,22 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
-        Command::Check { models } => {
+        Command::Run { config } => {
+            let config = anotador::config::Config::load(&config)?;
+            anotador::daemon::run(config)?;
+            Ok(())
+        }
+        Command::Check { config, models } => {
+            if let Some(path) = config {
+                let config = anotador::config::Config::load(&path)?;
+                let (bundles, _) = anotador::daemon::load(&config)?;
+                println!(
+                    "{}: ok ({} models, {} routes)",
+                    path.display(),
+                    bundles.len(),
+                    config.routes.len()
+                );
+            }
             for dir in &models {
                 let bundle = Bundle::load(dir)?;
                 println!(

@@ -64,6 +64,7 @@ pub struct Annotation {
     pub timings: Timings,
 }
 
+#[derive(Clone)]
 pub struct Annotator {
     bundle: Arc<Bundle>,
     windower: Windower,

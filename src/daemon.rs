@@ -1,0 +1,487 @@
+//! `anotador run`: the MQTT daemon, wiring transport → intake → queue → workers →
+//! publisher.
+//!
+//! - The event loop task only polls and routes: parsing is cheap and bounded by the
+//!   payload cap; inference runs on worker threads.
+//! - An input is acknowledged only after its one outcome (result or error) has been
+//!   handed to the client at QoS 1, so a crash at any point leaves it unacknowledged
+//!   and the broker redelivers it (at-least-once).
+//! - Every accepted input holds a permit of `daemon.queue` until its outcome is out:
+//!   the daemon's memory does not grow with the input rate.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rumqttc::{AsyncClient, Event, Incoming, Outgoing, Publish, QoS};
+use serde_json::json;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use crate::bundle::Bundle;
+use crate::config::Config;
+use crate::message;
+use crate::pipeline::{error_outcome, Job, ModelWorkers, Outcome};
+use crate::tasks::Annotator;
+use crate::transport::{self, topic};
+
+/// Counters for the stats topic.
+#[derive(Default)]
+pub struct Stats {
+    pub received: AtomicU64,
+    pub published: AtomicU64,
+    pub results: AtomicU64,
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// Recent end-to-end latencies (ms), a bounded ring.
+    latencies: Mutex<(Vec<f64>, usize)>,
+}
+
+const LATENCY_WINDOW: usize = 1024;
+
+impl Stats {
+    fn record(&self, error: Option<&'static str>, latency_ms: f64) {
+        self.published.fetch_add(1, Ordering::Relaxed);
+        match error {
+            None => {
+                self.results.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(code) => *self.errors.lock().unwrap().entry(code).or_default() += 1,
+        }
+        let mut ring = self.latencies.lock().unwrap();
+        let (values, next) = &mut *ring;
+        if values.len() < LATENCY_WINDOW {
+            values.push(latency_ms);
+        } else {
+            values[*next] = latency_ms;
+        }
+        *next = (*next + 1) % LATENCY_WINDOW;
+    }
+
+    fn snapshot(&self, queue_depth: usize) -> serde_json::Value {
+        let mut l = self.latencies.lock().unwrap().0.clone();
+        l.sort_by(f64::total_cmp);
+        let pct = |p: f64| {
+            l.get(((l.len() as f64 - 1.0) * p).round() as usize)
+                .copied()
+        };
+        json!({
+            "received": self.received.load(Ordering::Relaxed),
+            "published": self.published.load(Ordering::Relaxed),
+            "results": self.results.load(Ordering::Relaxed),
+            "errors": *self.errors.lock().unwrap(),
+            "queue_depth": queue_depth,
+            "latency_ms": {"p50": pct(0.5), "p95": pct(0.95), "window": l.len()},
+            "rss_bytes": rss_bytes(),
+        })
+    }
+}
+
+/// Resident set size from /proc (Linux); None elsewhere.
+pub fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+struct RouteRuntime {
+    filter: topic::Filter,
+    model: String,
+    format: message::PayloadFormat,
+    output: String,
+    errors: String,
+}
+
+/// Loads every model and checks every route: what `anotador check --config` runs.
+pub fn load(config: &Config) -> crate::Result<(BTreeMap<String, Arc<Bundle>>, Vec<Annotator>)> {
+    let mut bundles = BTreeMap::new();
+    for (name, m) in &config.models {
+        let started = Instant::now();
+        let bundle = Arc::new(Bundle::load(&m.path)?);
+        log::info!(
+            "model {name}: {} ({}, {} labels) loaded in {:.2} s, int8 path: {}",
+            m.path.display(),
+            bundle.config.task.as_str(),
+            bundle.config.labels.len(),
+            started.elapsed().as_secs_f64(),
+            bundle.engine.info().int8_path
+        );
+        bundles.insert(name.clone(), bundle);
+    }
+    let mut annotators = Vec::new();
+    for route in &config.routes {
+        let options = config.task_options(&route.model, Some(&route.options));
+        annotators.push(Annotator::new(bundles[&route.model].clone(), &options)?);
+    }
+    Ok((bundles, annotators))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Load(#[from] crate::Error),
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
+    #[error("MQTT client: {0}")]
+    Client(#[from] rumqttc::ClientError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+pub fn run(config: Config) -> Result<(), DaemonError> {
+    let (bundles, annotators) = load(&config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(config, bundles, annotators))
+}
+
+async fn serve(
+    config: Config,
+    bundles: BTreeMap<String, Arc<Bundle>>,
+    annotators: Vec<Annotator>,
+) -> Result<(), DaemonError> {
+    let name = config.daemon.name.clone();
+    let opts = transport::options(&config)?;
+    let (client, mut eventloop) = AsyncClient::new(opts, config.daemon.queue * 2 + 16);
+    let stats = Arc::new(Stats::default());
+    let permits = Arc::new(Semaphore::new(config.daemon.queue));
+
+    let routes: Vec<RouteRuntime> = config
+        .routes
+        .iter()
+        .map(|r| RouteRuntime {
+            filter: topic::Filter::parse(&r.topic).expect("validated at load"),
+            model: r.model.clone(),
+            format: r.format,
+            output: r.output.clone(),
+            errors: r.errors.clone(),
+        })
+        .collect();
+
+    let (outcome_tx, outcome_rx) = mpsc::unbounded_channel::<Outcome<Publish>>();
+    let heartbeat: Arc<dyn Fn() + Send + Sync> = Arc::new(|| {});
+    let annotators: Vec<Option<Annotator>> = annotators.into_iter().map(Some).collect();
+    let mut workers = BTreeMap::new();
+    for (model, m) in &config.models {
+        let mine: Vec<Option<Annotator>> = annotators
+            .iter()
+            .zip(&config.routes)
+            .map(|(a, r)| if &r.model == model { a.clone() } else { None })
+            .collect();
+        workers.insert(
+            model.clone(),
+            ModelWorkers::start(
+                model,
+                m.workers,
+                config.daemon.queue,
+                Arc::new(mine),
+                outcome_tx.clone(),
+                heartbeat.clone(),
+            )?,
+        );
+    }
+
+    let ctx = Intake {
+        routes,
+        workers,
+        permits: permits.clone(),
+        outcomes: outcome_tx,
+        name: name.clone(),
+        max_bytes: config.daemon.max_payload_bytes,
+    };
+    let publisher = tokio::spawn(publish_outcomes(client.clone(), outcome_rx, stats.clone()));
+    let stats_task = tokio::spawn(publish_stats(
+        client.clone(),
+        transport::stats_topic(&config),
+        Duration::from_secs(config.daemon.stats_interval_s.max(1)),
+        stats.clone(),
+        permits.clone(),
+        config.daemon.queue,
+    ));
+
+    let status = json!({
+        "status": "online",
+        "name": name,
+        "version": env!("CARGO_PKG_VERSION"),
+        "started": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "models": bundles.iter().map(|(k, b)| (k.clone(), json!({
+            "task": b.config.task.as_str(),
+            "labels": b.config.labels.len(),
+            "engine": b.engine.info(),
+        }))).collect::<BTreeMap<_, _>>(),
+    });
+    let status_topic = transport::status_topic(&config);
+
+    let mut shutdown = Box::pin(shutdown_signal());
+    // Messages received while every permit is taken. The event loop must keep
+    // polling (pings, acknowledgements, results all go through it), so it never
+    // waits for a permit; the broker's in-flight window bounds this list.
+    let mut waiting: std::collections::VecDeque<(Publish, Instant)> =
+        std::collections::VecDeque::new();
+    let mut attempt = 0u32;
+    let mut draining: Option<Instant> = None;
+    let timeout = Duration::from_secs(config.daemon.shutdown_timeout_s);
+    loop {
+        let event = tokio::select! {
+            event = eventloop.poll() => event,
+            permit = ctx.permits.clone().acquire_owned(), if !waiting.is_empty() && draining.is_none() => {
+                let (publish, received) = waiting.pop_front().expect("not empty");
+                intake(publish, permit.expect("semaphore never closed"), received, &ctx);
+                continue;
+            }
+            _ = &mut shutdown, if draining.is_none() => {
+                log::info!("shutting down: finishing in-flight messages (up to {} s)", timeout.as_secs());
+                draining = Some(Instant::now());
+                spawn_drain(client.clone(), permits.clone(), config.daemon.queue, timeout, status_topic.clone(), transport::offline_payload(&name));
+                continue;
+            }
+        };
+        match event {
+            Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                attempt = 0;
+                log::info!(
+                    "connected to {}:{} (session present: {})",
+                    config.broker.host,
+                    config.broker.port,
+                    ack.session_present
+                );
+                // Subscribing again on every ConnAck: a broker that lost the session
+                // (restart without persistence) would otherwise send nothing.
+                for r in &ctx.routes {
+                    client
+                        .subscribe(r.filter.subscription.clone(), QoS::AtLeastOnce)
+                        .await?;
+                }
+                client
+                    .publish(
+                        status_topic.clone(),
+                        QoS::AtLeastOnce,
+                        true,
+                        serde_json::to_vec(&status).unwrap(),
+                    )
+                    .await?;
+            }
+            Ok(Event::Incoming(Incoming::Publish(publish))) => {
+                if draining.is_some() {
+                    // Left unacknowledged: the broker delivers it again after restart.
+                    continue;
+                }
+                stats.received.fetch_add(1, Ordering::Relaxed);
+                let received = Instant::now();
+                match ctx.permits.clone().try_acquire_owned() {
+                    Ok(permit) if waiting.is_empty() => intake(publish, permit, received, &ctx),
+                    Ok(permit) => {
+                        drop(permit);
+                        waiting.push_back((publish, received));
+                    }
+                    Err(_) => {
+                        if waiting.len() == config.daemon.queue {
+                            log::warn!("more messages in flight than daemon.queue ({}): raise it to the broker's in-flight window", config.daemon.queue);
+                        }
+                        waiting.push_back((publish, received));
+                    }
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                log::info!("disconnected");
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if let Some(since) = draining {
+                    if since.elapsed() > timeout + Duration::from_secs(2) {
+                        log::warn!("broker unreachable while shutting down: {e}");
+                        break;
+                    }
+                }
+                let wait = transport::backoff(
+                    attempt,
+                    config.broker.reconnect_min_ms,
+                    config.broker.reconnect_max_ms,
+                    SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| d.as_nanos() as u64)
+                        .unwrap_or(0),
+                );
+                attempt = attempt.saturating_add(1);
+                log::warn!(
+                    "broker connection: {e}; retrying in {} ms",
+                    wait.as_millis()
+                );
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    stats_task.abort();
+    let Intake {
+        workers, outcomes, ..
+    } = ctx;
+    drop(outcomes);
+    for (_, w) in workers {
+        let _ = tokio::task::spawn_blocking(move || w.join()).await;
+    }
+    publisher.abort();
+    Ok(())
+}
+
+/// What the event loop needs to accept a message.
+struct Intake {
+    routes: Vec<RouteRuntime>,
+    workers: BTreeMap<String, ModelWorkers<Publish>>,
+    permits: Arc<Semaphore>,
+    outcomes: mpsc::UnboundedSender<Outcome<Publish>>,
+    name: String,
+    max_bytes: usize,
+}
+
+/// Routes, parses and validates one publish; hands a job to the model's workers, or
+/// an error outcome straight to the publisher.
+fn intake(publish: Publish, permit: OwnedSemaphorePermit, received: Instant, ctx: &Intake) {
+    let (routes, workers, outcomes, name) =
+        (&ctx.routes, &ctx.workers, &ctx.outcomes, ctx.name.as_str());
+    let topic = publish.topic.clone();
+    let matched = routes
+        .iter()
+        .enumerate()
+        .find_map(|(i, r)| r.filter.captures(&topic).map(|c| (i, r, c)));
+    let Some((index, route, captures)) = matched else {
+        log::warn!("message on {topic} matches no route; acknowledged and dropped");
+        let _ = outcomes.send(Outcome {
+            topic: String::new(),
+            payload: Vec::new(),
+            error: Some("no_route"),
+            ack: publish,
+            permit: Some(permit),
+            received,
+        });
+        return;
+    };
+    let output = topic::render(&route.output, &topic, &captures, &route.model, name);
+    let errors = topic::render(&route.errors, &topic, &captures, &route.model, name);
+    match message::parse(&publish.payload, route.format, ctx.max_bytes) {
+        Err((id, error)) => {
+            log::debug!("bad payload on {topic}: {}", error.code());
+            let mut outcome = error_outcome(
+                &topic,
+                errors,
+                &route.model,
+                id.as_ref(),
+                &error,
+                publish,
+                received,
+            );
+            outcome.permit = Some(permit);
+            let _ = outcomes.send(outcome);
+        }
+        Ok(request) => workers[&route.model].submit(Job {
+            route: index,
+            topic,
+            request,
+            output,
+            errors,
+            ack: publish,
+            permit,
+            received,
+        }),
+    }
+}
+
+/// Publishes each outcome at QoS 1, then acknowledges its input: the order that
+/// makes delivery at-least-once.
+async fn publish_outcomes(
+    client: AsyncClient,
+    mut rx: mpsc::UnboundedReceiver<Outcome<Publish>>,
+    stats: Arc<Stats>,
+) {
+    while let Some(outcome) = rx.recv().await {
+        if !outcome.topic.is_empty() {
+            if let Err(e) = client
+                .publish(
+                    outcome.topic.clone(),
+                    QoS::AtLeastOnce,
+                    false,
+                    outcome.payload,
+                )
+                .await
+            {
+                log::error!(
+                    "cannot hand a result to the MQTT client: {e}; input left unacknowledged"
+                );
+                continue;
+            }
+            stats.record(
+                outcome.error,
+                outcome.received.elapsed().as_secs_f64() * 1e3,
+            );
+        }
+        if let Err(e) = client.ack(&outcome.ack).await {
+            log::error!("cannot acknowledge an input: {e}");
+        }
+        drop(outcome.permit);
+    }
+}
+
+async fn publish_stats(
+    client: AsyncClient,
+    topic: String,
+    every: Duration,
+    stats: Arc<Stats>,
+    permits: Arc<Semaphore>,
+    queue: usize,
+) {
+    if topic.is_empty() {
+        return;
+    }
+    let mut interval = tokio::time::interval(every);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        let depth = queue - permits.available_permits();
+        let payload = serde_json::to_vec(&stats.snapshot(depth)).unwrap();
+        if client
+            .publish(topic.clone(), QoS::AtMostOnce, false, payload)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Waits for in-flight messages to finish (all permits back) or the timeout, then
+/// publishes the offline status and disconnects; the event loop keeps running
+/// meanwhile so the results and acknowledgements actually leave.
+fn spawn_drain(
+    client: AsyncClient,
+    permits: Arc<Semaphore>,
+    queue: usize,
+    timeout: Duration,
+    status_topic: String,
+    offline: Vec<u8>,
+) {
+    tokio::spawn(async move {
+        let all = tokio::time::timeout(timeout, permits.acquire_many(queue as u32)).await;
+        match all {
+            Ok(Ok(p)) => p.forget(),
+            _ => log::warn!(
+                "shutdown timeout: {} messages unfinished; the broker will redeliver them",
+                queue - permits.available_permits()
+            ),
+        }
+        let _ = client
+            .publish(status_topic, QoS::AtLeastOnce, true, offline)
+            .await;
+        let _ = client.disconnect().await;
+    });
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

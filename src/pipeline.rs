@@ -1,0 +1,175 @@
+//! Between transport and engine: jobs, the bounded queue, worker threads and the
+//! result envelopes. Knows nothing of MQTT: the acknowledgement travels through as an
+//! opaque token, handed back with the job's one outcome.
+//!
+//! Bounds: a job holds a permit from one semaphore (`daemon.queue`) from intake until
+//! its outcome is published, so memory is `queue × max_payload_bytes` plus the engine
+//! states, whatever the input rate; the backlog waits in the broker.
+
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use serde_json::Value;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use crate::error::Error;
+use crate::message::{ErrorEnvelope, Request, ResultEnvelope};
+use crate::tasks::Annotator;
+
+/// One accepted message on its way to a worker.
+pub struct Job<A> {
+    pub route: usize,
+    pub topic: String,
+    pub request: Request,
+    pub output: String,
+    pub errors: String,
+    pub ack: A,
+    pub permit: OwnedSemaphorePermit,
+    pub received: Instant,
+}
+
+/// The one outcome of one accepted message: publish `payload` on `topic`, then ack.
+pub struct Outcome<A> {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    /// `None` for a result, the error code otherwise.
+    pub error: Option<&'static str>,
+    pub ack: A,
+    pub permit: Option<OwnedSemaphorePermit>,
+    pub received: Instant,
+}
+
+/// The error outcome of a message that never reached a worker (bad payload).
+pub fn error_outcome<A>(
+    topic: &str,
+    errors_topic: String,
+    model: &str,
+    id: Option<&Value>,
+    error: &Error,
+    ack: A,
+    received: Instant,
+) -> Outcome<A> {
+    let mut envelope = ErrorEnvelope::new(model, id, error);
+    envelope.topic = Some(topic);
+    Outcome {
+        topic: errors_topic,
+        payload: serde_json::to_vec(&envelope).expect("error envelopes serialize"),
+        error: Some(error.code()),
+        ack,
+        permit: None,
+        received,
+    }
+}
+
+/// The workers of one model: they share its queue, each owns an engine state.
+pub struct ModelWorkers<A> {
+    sender: SyncSender<Job<A>>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl<A: Send + 'static> ModelWorkers<A> {
+    /// `routes[i]` is the annotator of route `i` (`None` for routes of other models).
+    pub fn start(
+        model: &str,
+        workers: usize,
+        capacity: usize,
+        routes: Arc<Vec<Option<Annotator>>>,
+        outcomes: mpsc::UnboundedSender<Outcome<A>>,
+        heartbeat: Arc<dyn Fn() + Send + Sync>,
+    ) -> crate::Result<ModelWorkers<A>> {
+        let (sender, receiver) = sync_channel::<Job<A>>(capacity);
+        let receiver = Arc::new(Mutex::new(receiver));
+        let mut handles = Vec::new();
+        let annotator = routes
+            .iter()
+            .flatten()
+            .next()
+            .ok_or_else(|| Error::InvalidRequest(format!("model {model} has no route")))?;
+        for i in 0..workers {
+            let mut state = annotator.bundle().engine.state()?;
+            let (receiver, routes, outcomes, heartbeat) = (
+                receiver.clone(),
+                routes.clone(),
+                outcomes.clone(),
+                heartbeat.clone(),
+            );
+            let handle = std::thread::Builder::new()
+                .name(format!("{model}-{i}"))
+                .spawn(move || worker(&receiver, &routes, &mut state, &outcomes, &*heartbeat))
+                .map_err(Error::Io)?;
+            handles.push(handle);
+        }
+        Ok(ModelWorkers { sender, handles })
+    }
+
+    /// Never blocks for long: the caller holds a permit, and the channel has room
+    /// for every permit.
+    pub fn submit(&self, job: Job<A>) {
+        if self.sender.send(job).is_err() {
+            log::error!("workers are gone; job dropped (it will be redelivered by the broker)");
+        }
+    }
+
+    /// Closes the queue and waits for the workers to drain it.
+    pub fn join(self) {
+        drop(self.sender);
+        for h in self.handles {
+            let _ = h.join();
+        }
+    }
+}
+
+fn worker<A>(
+    receiver: &Mutex<Receiver<Job<A>>>,
+    routes: &[Option<Annotator>],
+    state: &mut crate::engine::EngineState,
+    outcomes: &mpsc::UnboundedSender<Outcome<A>>,
+    heartbeat: &(dyn Fn() + Send + Sync),
+) {
+    loop {
+        let job = {
+            let guard = receiver.lock().unwrap_or_else(|p| p.into_inner());
+            match guard.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
+        let annotator = routes[job.route]
+            .as_ref()
+            .expect("jobs are routed to their model's workers");
+        let model = &annotator.bundle().name;
+        let request = &job.request;
+        let (topic, payload, error) =
+            match annotator.annotate(state, &request.text, request.text_pair.as_deref()) {
+                Ok(annotation) => {
+                    let mut envelope =
+                        ResultEnvelope::new(model, annotator.task().as_str(), request, &annotation);
+                    envelope.topic = Some(&job.topic);
+                    (job.output.clone(), serde_json::to_vec(&envelope), None)
+                }
+                Err(e) => {
+                    let mut envelope = ErrorEnvelope::new(model, request.id.as_ref(), &e);
+                    envelope.topic = Some(&job.topic);
+                    (
+                        job.errors.clone(),
+                        serde_json::to_vec(&envelope),
+                        Some(e.code()),
+                    )
+                }
+            };
+        heartbeat();
+        let outcome = Outcome {
+            topic,
+            payload: payload.expect("envelopes serialize"),
+            error,
+            ack: job.ack,
+            permit: Some(job.permit),
+            received: job.received,
+        };
+        if outcomes.send(outcome).is_err() {
+            return;
+        }
+    }
+}
