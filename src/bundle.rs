@@ -198,6 +198,35 @@ impl Bundle {
     }
 }
 
+/// SHA-256 of a bundle's `model.onnx`, lower-case hex.
+pub fn model_sha256(dir: &Path) -> Result<String> {
+    use sha2::Digest;
+    let mut file = std::fs::File::open(dir.join("model.onnx"))
+        .map_err(|e| Error::bundle(dir, "model.onnx", format!("cannot read: {e}")))?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher)
+        .map_err(|e| Error::bundle(dir, "model.onnx", format!("cannot read: {e}")))?;
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Refuses a `model.onnx` whose SHA-256 is not `expected` (checked before parsing,
+/// so an altered file never reaches the ONNX parser).
+pub fn verify_sha256(dir: &Path, expected: &str) -> Result<()> {
+    let actual = model_sha256(dir)?;
+    if !actual.eq_ignore_ascii_case(expected) {
+        return Err(Error::bundle(
+            dir,
+            "model.onnx",
+            format!("SHA-256 is {actual}, the configuration expects {expected}: truncated, altered or another model"),
+        ));
+    }
+    Ok(())
+}
+
 fn read_config(dir: &Path) -> Result<ModelConfig> {
     let bad = |problem: String| Error::bundle(dir, CONFIG, problem);
     let text =

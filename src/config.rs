@@ -136,6 +136,9 @@ pub struct ModelConfig {
     pub stride: Option<usize>,
     /// Windows one message may need before it is refused as `text_too_long`.
     pub max_windows: Option<usize>,
+    /// Expected SHA-256 of `model.onnx` (hex, as `anotador check --model` prints it):
+    /// a truncated or altered file is refused at start.
+    pub sha256: Option<String>,
 }
 
 fn one() -> usize {
@@ -234,6 +237,14 @@ impl Config {
                     format!("models.{name}.path"),
                     format!("{} is not a folder", model.path.display()),
                 ));
+            }
+            if let Some(h) = &model.sha256 {
+                if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(bad(
+                        format!("models.{name}.sha256"),
+                        "expected 64 hex digits".into(),
+                    ));
+                }
             }
             if model.workers == 0 {
                 return Err(bad(

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use crate::bundle::Bundle;
 use crate::config::Config;
 use crate::message;
-use crate::pipeline::{error_outcome, Job, ModelWorkers, Outcome};
+use crate::pipeline::{error_outcome, Health, Job, ModelWorkers, Outcome};
 use crate::tasks::Annotator;
 use crate::transport::{self, topic};
 
@@ -96,6 +96,9 @@ pub fn load(config: &Config) -> crate::Result<(BTreeMap<String, Arc<Bundle>>, Ve
     let mut bundles = BTreeMap::new();
     for (name, m) in &config.models {
         let started = Instant::now();
+        if let Some(expected) = &m.sha256 {
+            crate::bundle::verify_sha256(&m.path, expected)?;
+        }
         let bundle = Arc::new(Bundle::load(&m.path)?);
         log::info!(
             "model {name}: {} ({}, {} labels) loaded in {:.2} s, int8 path: {}",
@@ -160,7 +163,8 @@ async fn serve(
         .collect();
 
     let (outcome_tx, outcome_rx) = mpsc::unbounded_channel::<Outcome<Publish>>();
-    let heartbeat: Arc<dyn Fn() + Send + Sync> = Arc::new(|| {});
+    let health = Health::new(config.models.values().map(|m| m.workers).sum());
+    let mut first_worker = 0;
     let annotators: Vec<Option<Annotator>> = annotators.into_iter().map(Some).collect();
     let mut workers = BTreeMap::new();
     for (model, m) in &config.models {
@@ -177,9 +181,14 @@ async fn serve(
                 config.daemon.queue,
                 Arc::new(mine),
                 outcome_tx.clone(),
-                heartbeat.clone(),
+                health.clone(),
+                first_worker,
             )?,
         );
+        first_worker += m.workers;
+    }
+    if let Some(interval) = crate::systemd::watchdog_interval() {
+        tokio::spawn(feed_watchdog(interval, health.clone()));
     }
 
     let ctx = Intake {
@@ -232,6 +241,7 @@ async fn serve(
             }
             _ = &mut shutdown, if draining.is_none() => {
                 log::info!("shutting down: finishing in-flight messages (up to {} s)", timeout.as_secs());
+                crate::systemd::notify("STOPPING=1");
                 draining = Some(Instant::now());
                 spawn_drain(client.clone(), permits.clone(), config.daemon.queue, timeout, status_topic.clone(), transport::offline_payload(&name));
                 continue;
@@ -261,6 +271,7 @@ async fn serve(
                         serde_json::to_vec(&status).unwrap(),
                     )
                     .await?;
+                crate::systemd::notify("READY=1\nSTATUS=connected to the broker");
             }
             Ok(Event::Incoming(Incoming::Publish(publish))) => {
                 if draining.is_some() {
@@ -474,6 +485,23 @@ fn spawn_drain(
             .await;
         let _ = client.disconnect().await;
     });
+}
+
+/// Pings the systemd watchdog at half its interval, unless an inference has been
+/// running longer than the interval: then the pings stop and systemd restarts us.
+async fn feed_watchdog(interval: Duration, health: Arc<Health>) {
+    let mut tick = tokio::time::interval(interval / 2);
+    loop {
+        tick.tick().await;
+        if health.stuck(interval) {
+            log::error!(
+                "an inference has run for over {} ms: letting the watchdog restart the daemon",
+                interval.as_millis()
+            );
+        } else {
+            crate::systemd::notify("WATCHDOG=1");
+        }
+    }
 }
 
 async fn shutdown_signal() {

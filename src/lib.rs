@@ -14,6 +14,7 @@ pub mod error;
 pub mod eval;
 pub mod message;
 pub mod pipeline;
+pub mod systemd;
 pub mod tasks;
 pub mod transport;
 

@@ -158,12 +158,13 @@ fn main() -> anyhow::Result<()> {
             for dir in &models {
                 let bundle = Bundle::load(dir)?;
                 println!(
-                    "{}: ok ({}, {}, {} labels, max {} tokens, {})",
+                    "{}: ok ({}, {}, {} labels, max {} tokens, sha256 {}, {})",
                     dir.display(),
                     bundle.config.model_type,
                     bundle.config.task.as_str(),
                     bundle.config.labels.len(),
                     bundle.config.max_length,
+                    anotador::bundle::model_sha256(dir)?,
                     serde_json::to_string(bundle.engine.info())?
                 );
             }

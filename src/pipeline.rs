@@ -6,6 +6,7 @@
 //! its outcome is published, so memory is `queue × max_payload_bytes` plus the engine
 //! states, whatever the input rate; the backlog waits in the broker.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -63,6 +64,43 @@ pub fn error_outcome<A>(
     }
 }
 
+/// When each worker started its current job (ms since `Health` was made; 0 = idle),
+/// so a watchdog can tell a busy daemon from a hung one.
+pub struct Health {
+    epoch: Instant,
+    busy_since: Vec<AtomicU64>,
+}
+
+impl Health {
+    pub fn new(workers: usize) -> Arc<Health> {
+        Arc::new(Health {
+            epoch: Instant::now(),
+            busy_since: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    fn busy(&self, worker: usize) {
+        self.busy_since[worker].store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn idle(&self, worker: usize) {
+        self.busy_since[worker].store(0, Ordering::Relaxed);
+    }
+
+    /// True when some worker has been on one job for longer than `limit`.
+    pub fn stuck(&self, limit: std::time::Duration) -> bool {
+        let now = self.now_ms();
+        self.busy_since.iter().any(|b| {
+            let since = b.load(Ordering::Relaxed);
+            since != 0 && now.saturating_sub(since) > limit.as_millis() as u64
+        })
+    }
+}
+
 /// The workers of one model: they share its queue, each owns an engine state.
 pub struct ModelWorkers<A> {
     sender: SyncSender<Job<A>>,
@@ -77,7 +115,8 @@ impl<A: Send + 'static> ModelWorkers<A> {
         capacity: usize,
         routes: Arc<Vec<Option<Annotator>>>,
         outcomes: mpsc::UnboundedSender<Outcome<A>>,
-        heartbeat: Arc<dyn Fn() + Send + Sync>,
+        health: Arc<Health>,
+        first_worker: usize,
     ) -> crate::Result<ModelWorkers<A>> {
         let (sender, receiver) = sync_channel::<Job<A>>(capacity);
         let receiver = Arc::new(Mutex::new(receiver));
@@ -89,15 +128,16 @@ impl<A: Send + 'static> ModelWorkers<A> {
             .ok_or_else(|| Error::InvalidRequest(format!("model {model} has no route")))?;
         for i in 0..workers {
             let mut state = annotator.bundle().engine.state()?;
-            let (receiver, routes, outcomes, heartbeat) = (
+            let (receiver, routes, outcomes, health) = (
                 receiver.clone(),
                 routes.clone(),
                 outcomes.clone(),
-                heartbeat.clone(),
+                health.clone(),
             );
+            let slot = first_worker + i;
             let handle = std::thread::Builder::new()
                 .name(format!("{model}-{i}"))
-                .spawn(move || worker(&receiver, &routes, &mut state, &outcomes, &*heartbeat))
+                .spawn(move || worker(&receiver, &routes, &mut state, &outcomes, &health, slot))
                 .map_err(Error::Io)?;
             handles.push(handle);
         }
@@ -126,7 +166,8 @@ fn worker<A>(
     routes: &[Option<Annotator>],
     state: &mut crate::engine::EngineState,
     outcomes: &mpsc::UnboundedSender<Outcome<A>>,
-    heartbeat: &(dyn Fn() + Send + Sync),
+    health: &Health,
+    slot: usize,
 ) {
     loop {
         let job = {
@@ -136,6 +177,7 @@ fn worker<A>(
                 Err(_) => return,
             }
         };
+        health.busy(slot);
         let annotator = routes[job.route]
             .as_ref()
             .expect("jobs are routed to their model's workers");
@@ -159,7 +201,7 @@ fn worker<A>(
                     )
                 }
             };
-        heartbeat();
+        health.idle(slot);
         let outcome = Outcome {
             topic,
             payload: payload.expect("envelopes serialize"),

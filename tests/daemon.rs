@@ -2,295 +2,14 @@
 //! on a free loopback port per test, the daemon as a child process, and a rumqttc
 //! client playing the device. Bounded in count and time.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use rumqttc::{Client, Event, Incoming, MqttOptions, QoS};
+use common::*;
 use serde_json::Value;
-
-struct Broker {
-    child: Child,
-    port: u16,
-    _dir: TempDir,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let p = std::env::temp_dir().join(format!("anotador-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn mosquitto_binary() -> PathBuf {
-    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] {
-        if Path::new(p).exists() {
-            return PathBuf::from(p);
-        }
-    }
-    panic!("mosquitto is not installed: `apt-get install mosquitto` (Debian), as .ci/run does");
-}
-
-fn start_broker() -> Broker {
-    let dir = TempDir::new("broker");
-    let port = free_port();
-    let conf = dir.0.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10000\n"),
-    )
-    .unwrap();
-    let child = Command::new(mosquitto_binary())
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "mosquitto did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Broker {
-        child,
-        port,
-        _dir: dir,
-    }
-}
-
-fn fixture(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-        .display()
-        .to_string()
-}
-
-/// A config with an NER route (JSON payloads) and a classification route (raw text).
-fn write_config(dir: &Path, port: u16, client_id: &str, extra_daemon: &str) -> PathBuf {
-    let path = dir.join("anotador.toml");
-    let mut f = std::fs::File::create(&path).unwrap();
-    write!(
-        f,
-        r#"
-[daemon]
-name = "t"
-stats_interval_s = 1
-max_payload_bytes = 2048
-queue = 8
-{extra_daemon}
-
-[broker]
-port = {port}
-client_id = "{client_id}"
-reconnect_min_ms = 50
-reconnect_max_ms = 500
-
-[models.ner]
-path = "{ner}"
-workers = 2
-max_windows = 4
-
-[models.cls]
-path = "{cls}"
-
-[[routes]]
-topic = "in/ner/+"
-model = "ner"
-output = "out/ner/{{1}}"
-errors = "err/ner/{{1}}"
-
-[[routes]]
-topic = "in/cls"
-model = "cls"
-format = "text"
-output = "out/cls"
-errors = "err/cls"
-[routes.options]
-top_k = 0
-"#,
-        ner = fixture("bert-token"),
-        cls = fixture("bert-seq"),
-    )
-    .unwrap();
-    path
-}
-
-/// The daemon under test; its log goes to a file (a pipe nobody reads would fill
-/// and stall it).
-struct Daemon(Child, PathBuf);
-
-impl Daemon {
-    fn start(config: &Path) -> Daemon {
-        let log = config.with_extension(format!(
-            "log.{}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        let child = Command::new(env!("CARGO_BIN_EXE_anotador"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Daemon(child, log)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        unsafe_sigterm(self.0.id());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "daemon did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stderr(mut self) -> String {
-        self.kill();
-        std::fs::read_to_string(&self.1).unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn unsafe_sigterm(pid: u32) {
-    // `kill -TERM`: no libc binding needed for one signal.
-    let ok = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-}
-
-/// A device: publishes inputs, collects everything on `out/#`, `err/#` and `anotador/#`.
-struct Device {
-    client: Client,
-    rx: Receiver<(String, Vec<u8>, bool)>,
-}
-
-impl Device {
-    fn connect(port: u16, id: &str) -> Device {
-        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(5));
-        opts.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut connection) = Client::new(opts, 20_000);
-        let (tx, rx) = channel();
-        let sub = client.clone();
-        std::thread::spawn(move || {
-            for event in connection.iter() {
-                match event {
-                    Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                        for t in ["out/#", "err/#", "anotador/#"] {
-                            let _ = sub.subscribe(t, QoS::AtLeastOnce);
-                        }
-                    }
-                    Ok(Event::Incoming(Incoming::Publish(p))) => {
-                        if tx
-                            .send((p.topic.clone(), p.payload.to_vec(), p.retain))
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                }
-            }
-        });
-        Device { client, rx }
-    }
-
-    fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .unwrap();
-    }
-
-    /// Collects messages until `done` says so or the timeout passes.
-    fn collect(
-        &self,
-        timeout: Duration,
-        mut done: impl FnMut(&[(String, Value)]) -> bool,
-    ) -> Vec<(String, Value)> {
-        let deadline = Instant::now() + timeout;
-        let mut got = Vec::new();
-        while !done(&got) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            if let Ok((topic, payload, _)) =
-                self.rx.recv_timeout(left.min(Duration::from_millis(200)))
-            {
-                let v = serde_json::from_slice(&payload).unwrap_or(Value::Null);
-                got.push((topic, v));
-            }
-        }
-        got
-    }
-}
-
-fn wait_online(device: &Device) {
-    let got = device.collect(Duration::from_secs(30), |g| {
-        g.iter()
-            .any(|(t, v)| t == "anotador/t/status" && v["status"] == "online")
-    });
-    assert!(
-        got.iter()
-            .any(|(t, v)| t == "anotador/t/status" && v["status"] == "online"),
-        "daemon never announced itself online: {got:?}"
-    );
-}
 
 #[test]
 fn every_input_gets_exactly_one_result_or_error() {
@@ -520,4 +239,73 @@ fn check_rejects_bad_configs_naming_the_key() {
         !ok && out.contains("config.json") && out.contains("labels"),
         "{out}"
     );
+
+    // Model integrity: the right digest loads, any other is refused before parsing.
+    let digest =
+        anotador::bundle::model_sha256(std::path::Path::new(&fixture("bert-seq"))).unwrap();
+    let pinned = |d: &str| {
+        base.replace(
+            "[models.cls]\n",
+            &format!("[models.cls]\nsha256 = \"{d}\"\n"),
+        )
+    };
+    let (ok, out) = run(&pinned(&digest));
+    assert!(ok, "{out}");
+    let mut wrong = digest.clone().into_bytes();
+    wrong[0] = if wrong[0] == b'0' { b'1' } else { b'0' };
+    let (ok, out) = run(&pinned(std::str::from_utf8(&wrong).unwrap()));
+    assert!(
+        !ok && out.contains("model.onnx") && out.contains("SHA-256"),
+        "{out}"
+    );
+    let (ok, out) = run(&pinned("xyz"));
+    assert!(!ok && out.contains("models.cls.sha256"), "{out}");
+}
+
+#[test]
+fn systemd_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let broker = start_broker();
+    let dir = TempDir::new("notify");
+    let config = write_config(&dir.0, broker.port, "anotador-notify", "");
+    let socket_path = dir.0.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let sock = socket_path.display().to_string();
+    let mut daemon = Daemon::start_with_env(
+        &config,
+        &[("NOTIFY_SOCKET", &sock), ("WATCHDOG_USEC", "400000")],
+    );
+    let mut got: Vec<String> = Vec::new();
+    let mut buf = [0u8; 512];
+    let enough = |got: &[String]| {
+        got.iter().any(|m| m.contains("READY=1"))
+            && got.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 3
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline && !enough(&got) {
+        if let Ok(n) = socket.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    assert!(
+        enough(&got),
+        "READY=1 and watchdog pings expected: {got:?}\n{}",
+        daemon.log()
+    );
+    Command::new("kill")
+        .args(["-TERM", &daemon.0.id().to_string()])
+        .status()
+        .unwrap();
+    let mut stopping = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline && !stopping {
+        if let Ok(n) = socket.recv(&mut buf) {
+            stopping = String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
+        }
+    }
+    assert!(stopping, "STOPPING=1 sent on SIGTERM");
+    assert!(daemon.0.wait().unwrap().success());
 }

@@ -1,0 +1,146 @@
+//! Flood benchmark (not a test): 10,000 messages published as fast as the device
+//! can, far faster than inference; the daemon's RSS is sampled throughout.
+//!
+//!     cargo bench --bench flood -- [MODEL_DIR] [MESSAGES]
+//!
+//! Reports RSS after start-up (the baseline, same process), peak RSS under the flood
+//! and their ratio, throughput and latency percentiles, and checks that every
+//! message got exactly one outcome.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SENTENCES: [&str; 6] = [
+    "El Real Madrid ganó en Sevilla ante el Betis, según informó EFE.",
+    "Gabriel García Márquez nació en Aracataca (Colombia) en 1927.",
+    "La Comisión Europea anunció ayer en Bruselas nuevas medidas para el sector agrícola.",
+    "El Banco Central de Chile subió la tasa al 11,25 % el 14 de octubre de 2022.",
+    "La ONU y la OTAN se reunieron en Nueva York con representantes de Perú y Argentina.",
+    "Pedro Sánchez viajó a Barcelona para reunirse con la alcaldesa Ada Colau.",
+];
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let model = args.first().cloned().unwrap_or_else(|| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/ner-es")
+            .display()
+            .to_string()
+    });
+    let total: usize = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(10_000);
+
+    let broker = start_broker_with(&format!("max_queued_messages {}\n", total * 2));
+    let dir = TempDir::new("flood");
+    let config = dir.0.join("flood.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[daemon]
+name = "t"
+stats_interval_s = 3600
+queue = 32
+[broker]
+port = {port}
+client_id = "flood"
+[models.ner]
+path = "{model}"
+workers = 1
+[[routes]]
+topic = "in/ner/+"
+model = "ner"
+output = "out/ner/{{1}}"
+errors = "err/ner/{{1}}"
+"#,
+            port = broker.port
+        ),
+    )
+    .unwrap();
+    let device = Device::connect(broker.port, "flood-device");
+    std::thread::sleep(Duration::from_millis(300));
+    let daemon = Daemon::start(&config);
+    let pid = daemon.0.id();
+    wait_online(&device);
+    std::thread::sleep(Duration::from_millis(500));
+    let (baseline, _) = rss_of(pid).expect("/proc");
+
+    let started = Instant::now();
+    for i in 0..total {
+        let text = SENTENCES[i % SENTENCES.len()];
+        device.publish(
+            "in/ner/flood",
+            format!(r#"{{"id": {i}, "text": "{text}"}}"#),
+        );
+    }
+    let published_in = started.elapsed();
+
+    let mut seen = HashSet::new();
+    let mut outcomes = 0usize;
+    let mut peak_sampled = baseline;
+    let mut latencies = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    while seen.len() < total && Instant::now() < deadline {
+        if let Ok((topic, payload, _)) = device.rx.recv_timeout(Duration::from_millis(100)) {
+            if topic.starts_with("out/") || topic.starts_with("err/") {
+                let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                outcomes += 1;
+                seen.insert(v["id"].as_u64().unwrap());
+                if let Some(t) = v["timings_ms"]["inference_ms"].as_f64() {
+                    latencies.push(t);
+                }
+            }
+        }
+        if outcomes % 200 == 0 {
+            if let Some((rss, _)) = rss_of(pid) {
+                peak_sampled = peak_sampled.max(rss);
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    let (_, hwm) = rss_of(pid).expect("/proc");
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!("flood: {total} messages on {model}");
+    println!(
+        "  published by the device in {:.2} s",
+        published_in.as_secs_f64()
+    );
+    println!(
+        "  answered {} distinct ({} outcomes, {} duplicates) in {:.2} s = {:.0} msg/s",
+        seen.len(),
+        outcomes,
+        outcomes - seen.len(),
+        elapsed.as_secs_f64(),
+        seen.len() as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "  inference per message: p50 {:.2} ms, p95 {:.2} ms",
+        pct(0.5),
+        pct(0.95)
+    );
+    println!("  RSS after start-up (baseline): {:.1} MiB", mb(baseline));
+    println!(
+        "  peak RSS (VmHWM) under flood:   {:.1} MiB  = {:.2}x baseline",
+        mb(hwm),
+        hwm as f64 / baseline as f64
+    );
+    println!(
+        "  peak sampled VmRSS:             {:.1} MiB",
+        mb(peak_sampled)
+    );
+    assert_eq!(seen.len(), total, "every message answered");
+}

@@ -1,0 +1,320 @@
+//! Shared by the daemon tests and the flood benchmark: a real Mosquitto on a free
+//! loopback port, the daemon as a child process, and a rumqttc client as the device.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use rumqttc::{Client, Event, Incoming, MqttOptions, QoS};
+use serde_json::Value;
+
+pub struct Broker {
+    child: Child,
+    pub port: u16,
+    _dir: TempDir,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let p = std::env::temp_dir().join(format!("anotador-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn mosquitto_binary() -> PathBuf {
+    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] {
+        if Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    panic!("mosquitto is not installed: `apt-get install mosquitto` (Debian), as .ci/run does");
+}
+
+/// `extra` is appended to the broker configuration.
+pub fn start_broker_with(extra: &str) -> Broker {
+    let dir = TempDir::new("broker");
+    let port = free_port();
+    let conf = dir.0.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10000\n{extra}\n"),
+    )
+    .unwrap();
+    let child = Command::new(mosquitto_binary())
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "mosquitto did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Broker {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+pub fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// A config with an NER route (JSON payloads) and a classification route (raw text).
+pub fn write_config(dir: &Path, port: u16, client_id: &str, extra_daemon: &str) -> PathBuf {
+    let path = dir.join("anotador.toml");
+    let mut f = std::fs::File::create(&path).unwrap();
+    write!(
+        f,
+        r#"
+[daemon]
+name = "t"
+stats_interval_s = 1
+max_payload_bytes = 2048
+queue = 8
+{extra_daemon}
+
+[broker]
+port = {port}
+client_id = "{client_id}"
+reconnect_min_ms = 50
+reconnect_max_ms = 500
+
+[models.ner]
+path = "{ner}"
+workers = 2
+max_windows = 4
+
+[models.cls]
+path = "{cls}"
+
+[[routes]]
+topic = "in/ner/+"
+model = "ner"
+output = "out/ner/{{1}}"
+errors = "err/ner/{{1}}"
+
+[[routes]]
+topic = "in/cls"
+model = "cls"
+format = "text"
+output = "out/cls"
+errors = "err/cls"
+[routes.options]
+top_k = 0
+"#,
+        ner = fixture("bert-token"),
+        cls = fixture("bert-seq"),
+    )
+    .unwrap();
+    path
+}
+
+/// The daemon under test; its log goes to a file (a pipe nobody reads would fill
+/// and stall it).
+pub struct Daemon(pub Child, PathBuf);
+
+impl Daemon {
+    pub fn start(config: &Path) -> Daemon {
+        Daemon::start_with_env(config, &[])
+    }
+
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Daemon {
+        let log = config.with_extension(format!(
+            "log.{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let child = Command::new(env!("CARGO_BIN_EXE_anotador"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon(child, log)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        sigterm(self.0.id());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "daemon did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stderr(mut self) -> String {
+        self.kill();
+        std::fs::read_to_string(&self.1).unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn sigterm(pid: u32) {
+    // `kill -TERM`: no libc binding needed for one signal.
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// A device: publishes inputs, collects everything on `out/#`, `err/#` and `anotador/#`.
+pub struct Device {
+    pub client: Client,
+    pub rx: Receiver<(String, Vec<u8>, bool)>,
+}
+
+impl Device {
+    pub fn connect(port: u16, id: &str) -> Device {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut connection) = Client::new(opts, 20_000);
+        let (tx, rx) = channel();
+        let sub = client.clone();
+        std::thread::spawn(move || {
+            for event in connection.iter() {
+                match event {
+                    Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                        for t in ["out/#", "err/#", "anotador/#"] {
+                            let _ = sub.subscribe(t, QoS::AtLeastOnce);
+                        }
+                    }
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        if tx
+                            .send((p.topic.clone(), p.payload.to_vec(), p.retain))
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+        Device { client, rx }
+    }
+
+    pub fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .unwrap();
+    }
+
+    /// Collects messages until `done` says so or the timeout passes.
+    pub fn collect(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&[(String, Value)]) -> bool,
+    ) -> Vec<(String, Value)> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        while !done(&got) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if let Ok((topic, payload, _)) =
+                self.rx.recv_timeout(left.min(Duration::from_millis(200)))
+            {
+                let v = serde_json::from_slice(&payload).unwrap_or(Value::Null);
+                got.push((topic, v));
+            }
+        }
+        got
+    }
+}
+
+pub fn start_broker() -> Broker {
+    start_broker_with("")
+}
+
+/// Resident and peak resident memory of a process, in bytes, from /proc.
+pub fn rss_of(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+pub fn wait_online(device: &Device) {
+    let got = device.collect(Duration::from_secs(30), |g| {
+        g.iter()
+            .any(|(t, v)| t == "anotador/t/status" && v["status"] == "online")
+    });
+    assert!(
+        got.iter()
+            .any(|(t, v)| t == "anotador/t/status" && v["status"] == "online"),
+        "daemon never announced itself online: {got:?}"
+    );
+}
