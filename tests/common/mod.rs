@@ -229,7 +229,16 @@ pub struct Device {
 
 impl Device {
     pub fn connect(port: u16, id: &str) -> Device {
+        Device::connect_with(MqttOptions::new(id, "127.0.0.1", port))
+    }
+
+    pub fn connect_with_credentials(port: u16, id: &str, user: &str, password: &str) -> Device {
         let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_credentials(user, password);
+        Device::connect_with(opts)
+    }
+
+    fn connect_with(mut opts: MqttOptions) -> Device {
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut connection) = Client::new(opts, 20_000);
