@@ -87,6 +87,10 @@ pub struct Broker {
     pub keep_alive_s: u64,
     #[serde(default)]
     pub clean_session: bool,
+    /// How long the broker keeps the session (subscriptions, unacknowledged
+    /// messages) while the daemon is away.
+    #[serde(default = "default_session_expiry")]
+    pub session_expiry_s: u32,
     pub username: Option<String>,
     /// Read the password from this file (first line), e.g. a systemd credential.
     pub password_file: Option<PathBuf>,
@@ -115,6 +119,9 @@ fn default_port() -> u16 {
 }
 fn default_keep_alive() -> u64 {
     30
+}
+fn default_session_expiry() -> u32 {
+    7 * 24 * 3600
 }
 fn default_backoff_min() -> u64 {
     200

@@ -14,7 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rumqttc::{AsyncClient, Event, Incoming, Outgoing, Publish, QoS};
+use rumqttc::v5::mqttbytes::v5::Publish;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, Incoming};
+use rumqttc::Outgoing;
 use serde_json::json;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
@@ -29,6 +32,10 @@ use crate::transport::{self, topic};
 #[derive(Default)]
 pub struct Stats {
     pub received: AtomicU64,
+    /// Deliveries flagged DUP by the broker (redelivered after a reconnect).
+    pub redelivered: AtomicU64,
+    /// Messages left unacknowledged because the broker sent more than `queue`.
+    pub deferred: AtomicU64,
     pub published: AtomicU64,
     pub results: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
@@ -66,6 +73,8 @@ impl Stats {
         };
         json!({
             "received": self.received.load(Ordering::Relaxed),
+            "redelivered": self.redelivered.load(Ordering::Relaxed),
+            "deferred": self.deferred.load(Ordering::Relaxed),
             "published": self.published.load(Ordering::Relaxed),
             "results": self.results.load(Ordering::Relaxed),
             "errors": *self.errors.lock().unwrap(),
@@ -125,7 +134,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Transport(#[from] transport::TransportError),
     #[error("MQTT client: {0}")]
-    Client(#[from] rumqttc::ClientError),
+    Client(#[from] rumqttc::v5::ClientError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -224,10 +233,16 @@ async fn serve(
 
     let mut shutdown = Box::pin(shutdown_signal());
     // Messages received while every permit is taken. The event loop must keep
-    // polling (pings, acknowledgements, results all go through it), so it never
-    // waits for a permit; the broker's in-flight window bounds this list.
+    // polling (pings, acknowledgements and results all go through it), so it never
+    // waits for a permit. Brokers are asked for at most `queue` unacknowledged
+    // messages (MQTT 5 Receive Maximum) but not all obey (Mosquitto 2.0 sends its
+    // whole backlog), so this list is capped at `queue` too: beyond that a message is
+    // deferred, left unacknowledged, and fetched again through a session resume once
+    // the daemon has caught up. Memory stays bounded whatever the broker does.
     let mut waiting: std::collections::VecDeque<(Publish, Instant)> =
         std::collections::VecDeque::new();
+    let mut deferred = 0u64;
+    let mut resyncing = false;
     let mut attempt = 0u32;
     let mut draining: Option<Instant> = None;
     let timeout = Duration::from_secs(config.daemon.shutdown_timeout_s);
@@ -257,21 +272,33 @@ async fn serve(
                     ack.session_present
                 );
                 // Subscribing again on every ConnAck: a broker that lost the session
-                // (restart without persistence) would otherwise send nothing.
-                for r in &ctx.routes {
-                    client
-                        .subscribe(r.filter.subscription.clone(), QoS::AtLeastOnce)
-                        .await?;
-                }
-                client
-                    .publish(
-                        status_topic.clone(),
-                        QoS::AtLeastOnce,
-                        true,
-                        serde_json::to_vec(&status).unwrap(),
-                    )
-                    .await?;
-                crate::systemd::notify("READY=1\nSTATUS=connected to the broker");
+                // (restart without persistence) would otherwise send nothing. From a
+                // task of its own: the request channel may be full of results queued
+                // while disconnected, and only this loop's polling drains it.
+                let subscriptions: Vec<String> = ctx
+                    .routes
+                    .iter()
+                    .map(|r| r.filter.subscription.clone())
+                    .collect();
+                let (client, status_topic, status) = (
+                    client.clone(),
+                    status_topic.clone(),
+                    serde_json::to_vec(&status).unwrap(),
+                );
+                tokio::spawn(async move {
+                    for s in subscriptions {
+                        if client.subscribe(s, QoS::AtLeastOnce).await.is_err() {
+                            return;
+                        }
+                    }
+                    if client
+                        .publish(status_topic, QoS::AtLeastOnce, true, status)
+                        .await
+                        .is_ok()
+                    {
+                        crate::systemd::notify("READY=1\nSTATUS=connected to the broker");
+                    }
+                });
             }
             Ok(Event::Incoming(Incoming::Publish(publish))) => {
                 if draining.is_some() {
@@ -279,6 +306,9 @@ async fn serve(
                     continue;
                 }
                 stats.received.fetch_add(1, Ordering::Relaxed);
+                if publish.dup {
+                    stats.redelivered.fetch_add(1, Ordering::Relaxed);
+                }
                 let received = Instant::now();
                 match ctx.permits.clone().try_acquire_owned() {
                     Ok(permit) if waiting.is_empty() => intake(publish, permit, received, &ctx),
@@ -286,13 +316,32 @@ async fn serve(
                         drop(permit);
                         waiting.push_back((publish, received));
                     }
+                    Err(_) if waiting.len() < config.daemon.queue => {
+                        waiting.push_back((publish, received))
+                    }
                     Err(_) => {
-                        if waiting.len() == config.daemon.queue {
-                            log::warn!("more messages in flight than daemon.queue ({}): raise it to the broker's in-flight window", config.daemon.queue);
+                        if deferred == 0 {
+                            log::warn!(
+                                "the broker sent more than daemon.queue ({}) unacknowledged messages: deferring the rest until the backlog drains",
+                                config.daemon.queue
+                            );
                         }
-                        waiting.push_back((publish, received));
+                        deferred += 1;
+                        stats.deferred.fetch_add(1, Ordering::Relaxed);
                     }
                 }
+                if deferred > 0 && !resyncing {
+                    resyncing = true;
+                    spawn_resync(client.clone(), ctx.permits.clone(), config.daemon.queue);
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) if resyncing && draining.is_none() => {
+                // The next poll reconnects; the resumed session redelivers the
+                // deferred messages.
+                log::info!("resuming the session to fetch {deferred} deferred messages");
+                resyncing = false;
+                deferred = 0;
+                waiting.clear();
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 log::info!("disconnected");
@@ -351,7 +400,9 @@ struct Intake {
 fn intake(publish: Publish, permit: OwnedSemaphorePermit, received: Instant, ctx: &Intake) {
     let (routes, workers, outcomes, name) =
         (&ctx.routes, &ctx.workers, &ctx.outcomes, ctx.name.as_str());
-    let topic = publish.topic.clone();
+    // MQTT topics are UTF-8 by the protocol; a broker that sent anything else gets
+    // the replacement character rather than a crash.
+    let topic = String::from_utf8_lossy(&publish.topic).into_owned();
     let matched = routes
         .iter()
         .enumerate()
@@ -458,6 +509,19 @@ async fn publish_stats(
             return;
         }
     }
+}
+
+/// Once every accepted message is answered (all permits back), disconnects so that
+/// the broker, on the resumed session, delivers the deferred messages again.
+fn spawn_resync(client: AsyncClient, permits: Arc<Semaphore>, queue: usize) {
+    tokio::spawn(async move {
+        // Let the in-flight window fill and drain first: deferring is a flood.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Ok(all) = permits.acquire_many(queue as u32).await {
+            drop(all);
+            let _ = client.disconnect().await;
+        }
+    });
 }
 
 /// Waits for in-flight messages to finish (all permits back) or the timeout, then

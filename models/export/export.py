@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Export a Hugging Face {Bert,DistilBert,Albert}For{Token,Sequence}Classification
-checkpoint to an anotador model bundle:
+"""Export a Hugging Face {Bert,DistilBert,Albert}For{Token,Sequence}Classification or
+{Bert,DistilBert,Albert}ForQuestionAnswering checkpoint to an anotador model bundle:
 
     BUNDLE/model.onnx      int8 (dynamic quantization, MatMul weights only)
     BUNDLE/tokenizer.json  HF fast tokenizer, truncation/padding disabled
@@ -58,6 +58,24 @@ SAMPLE_PAIRS = [
     ("María estudia medicina en Salamanca.", "María es estudiante universitaria."),
 ]
 
+# (question, context) pairs for the parity report of question-answering models
+SAMPLE_QA = [
+    ("¿Dónde nació Gabriel García Márquez?",
+     "Gabriel García Márquez nació en Aracataca (Colombia) en 1927 y murió en Ciudad de México en 2014."),
+    ("¿Quién escribió Don Quijote de la Mancha?",
+     "Miguel de Cervantes escribió Don Quijote de la Mancha, publicado en dos partes en 1605 y 1615."),
+    ("¿A cuánto subió la tasa?",
+     "El Banco Central de Chile subió la tasa al 11,25 % el 14 de octubre de 2022, según informó EFE."),
+    ("¿Con quién se reunió Pedro Sánchez?",
+     "Pedro Sánchez viajó a Barcelona para reunirse con la alcaldesa Ada Colau y con empresarios catalanes."),
+    ("¿Qué anunció la Comisión Europea?",
+     "La Comisión Europea anunció ayer en Bruselas nuevas medidas para el sector agrícola y pesquero."),
+    ("¿Dónde se reunieron la ONU y la OTAN?",
+     "La ONU y la OTAN se reunieron en Nueva York con representantes de Perú y Argentina."),
+]
+
+QA_TASK = "question-answering"
+
 BIO_RE = re.compile(r"^(O|[BIES]-.+)$")
 
 
@@ -68,7 +86,7 @@ def log(*a):
 # --------------------------------------------------------------------------- model
 def load_checkpoint(checkpoint, task):
     import torch
-    from transformers import (AutoConfig, AutoModelForSequenceClassification,
+    from transformers import (AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification,
                               AutoModelForTokenClassification, AutoTokenizer)
 
     config = AutoConfig.from_pretrained(checkpoint)
@@ -78,11 +96,14 @@ def load_checkpoint(checkpoint, task):
             task = "token-classification"
         elif any(a.endswith("ForSequenceClassification") for a in archs):
             task = "text-classification"
+        elif any(a.endswith("ForQuestionAnswering") for a in archs):
+            task = QA_TASK
         else:
             raise SystemExit(f"cannot infer --task from architectures={archs!r}; pass --task")
     if config.model_type not in ("bert", "distilbert", "albert"):
         log(f"warning: model_type {config.model_type!r} is untested")
-    cls = AutoModelForTokenClassification if task == "token-classification" else AutoModelForSequenceClassification
+    cls = {"token-classification": AutoModelForTokenClassification, "text-classification": AutoModelForSequenceClassification,
+           QA_TASK: AutoModelForQuestionAnswering}[task]
     model = cls.from_pretrained(checkpoint, attn_implementation="eager", dtype=torch.float32)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, use_fast=True)
@@ -91,13 +112,14 @@ def load_checkpoint(checkpoint, task):
     return task, config, model, tokenizer
 
 
-def make_wrapper(model, has_token_type_ids):
+def make_wrapper(model, has_token_type_ids, qa=False):
     import torch
     from torch import nn
 
     class _Wrapper(nn.Module):
         """Takes the 2-D int64 attention mask and passes a 4-D additive float mask
-        (shape [batch, 1, 1, sequence]) to the HF model, which uses it as-is."""
+        (shape [batch, 1, 1, sequence]) to the HF model, which uses it as-is.
+        Question-answering models return (start_logits, end_logits), each [batch, sequence]."""
 
         def __init__(self, m):
             super().__init__()
@@ -108,12 +130,15 @@ def make_wrapper(model, has_token_type_ids):
             kw = dict(input_ids=input_ids, attention_mask=ext)
             if has_token_type_ids:
                 kw["token_type_ids"] = token_type_ids
-            return self.m(**kw).logits
+            out = self.m(**kw)
+            if qa:
+                return out.start_logits, out.end_logits
+            return out.logits
 
     return _Wrapper(model).eval()
 
 
-def export_fp32(wrapper, has_tt, path, opset, token_level):
+def export_fp32(wrapper, has_tt, path, opset, token_level, qa=False):
     import torch
 
     ids = torch.tensor([[2, 10, 11, 12, 3], [2, 13, 14, 3, 0]], dtype=torch.int64)
@@ -124,12 +149,18 @@ def export_fp32(wrapper, has_tt, path, opset, token_level):
         names.append("token_type_ids")
         args.append(torch.zeros_like(ids))
     dyn = {n: {0: "batch", 1: "sequence"} for n in names}
-    dyn["logits"] = {0: "batch", 1: "sequence"} if token_level else {0: "batch"}
+    if qa:
+        outputs = ["start_logits", "end_logits"]
+        for o in outputs:
+            dyn[o] = {0: "batch", 1: "sequence"}
+    else:
+        outputs = ["logits"]
+        dyn["logits"] = {0: "batch", 1: "sequence"} if token_level else {0: "batch"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             wrapper, tuple(args), path,
-            input_names=names, output_names=["logits"], dynamic_axes=dyn,
+            input_names=names, output_names=outputs, dynamic_axes=dyn,
             opset_version=opset, do_constant_folding=True, dynamo=False,
         )
 
@@ -280,6 +311,98 @@ def parity_report(task, model, tokenizer, fp32_path, int8_path):
     }
 
 
+def ort_feed(sess, enc):
+    names = {i.name for i in sess.get_inputs()}
+    feed = {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in names}
+    if "token_type_ids" in names and "token_type_ids" not in feed:
+        feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+    return feed
+
+
+def ort_qa_logits(sess, enc):
+    """(start_logits, end_logits), each [batch, sequence]."""
+    s, e = sess.run(["start_logits", "end_logits"], ort_feed(sess, enc))
+    return s, e
+
+
+def torch_qa_logits(model, enc):
+    import torch
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    kw = {k: torch.tensor(np.asarray(v, dtype=np.int64)) for k, v in enc.items() if k in names}
+    if model.config.model_type == "distilbert":
+        kw.pop("token_type_ids", None)
+    with torch.no_grad():
+        out = model(**kw)
+    return out.start_logits.numpy(), out.end_logits.numpy()
+
+
+def encode_qa(tokenizer, question, context):
+    """Question first, context second, as the question-answering pipeline tokenizes a window."""
+    enc = tokenizer(question, context, truncation="only_second", max_length=tokenizer_max_len(tokenizer),
+                    return_tensors="np")
+    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def parity_report_qa(model, tokenizer, fp32_path, int8_path):
+    """start/end logits of PyTorch fp32 vs onnxruntime fp32/int8 on SAMPLE_QA; every position of
+    the (unpadded) sequence is compared; argmax agreement counts start and end separately."""
+    s32, s8 = ort_session(fp32_path), ort_session(int8_path)
+    rows = []
+    dmax = {("fp32", "start"): 0.0, ("fp32", "end"): 0.0, ("int8", "start"): 0.0, ("int8", "end"): 0.0}
+    agree = {"fp32": 0, "int8": 0}
+    total = 0
+    singles = []
+    for question, context in SAMPLE_QA:
+        enc = encode_qa(tokenizer, question, context)
+        ts, te = torch_qa_logits(model, enc)
+        o32 = ort_qa_logits(s32, enc)
+        o8 = ort_qa_logits(s8, enc)
+        singles.append((enc, o32, o8))
+        row = {"question": question, "context": context, "n": int(ts.shape[1])}
+        for kind, (os_, oe) in (("fp32", o32), ("int8", o8)):
+            ds, de = float(np.abs(ts - os_).max()), float(np.abs(te - oe).max())
+            dmax[(kind, "start")] = max(dmax[(kind, "start")], ds)
+            dmax[(kind, "end")] = max(dmax[(kind, "end")], de)
+            a = int(ts.argmax(-1)[0] == os_.argmax(-1)[0]) + int(te.argmax(-1)[0] == oe.argmax(-1)[0])
+            agree[kind] += a
+            row[f"max_abs_dstart_ort_{kind}"] = ds
+            row[f"max_abs_dend_ort_{kind}"] = de
+            row[f"argmax_agree_{kind}"] = a
+        row["argmax_start_end_torch"] = [int(ts.argmax(-1)[0]), int(te.argmax(-1)[0])]
+        total += 2
+        rows.append(row)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    L = max(e["input_ids"].shape[1] for e, _, _ in singles)
+    batch = {k: np.stack([np.pad(e[k][0], (0, L - e[k].shape[1]),
+                                 constant_values=(pad_id if k == "input_ids" else 0)) for e, _, _ in singles])
+             for k in singles[0][0]}
+    pad = {}
+    for kind, sess, idx in (("fp32", s32, 1), ("int8", s8, 2)):
+        bs, be = ort_qa_logits(sess, batch)
+        d = 0.0
+        for i, single in enumerate(singles):
+            n = single[0]["input_ids"].shape[1]
+            d = max(d, float(np.abs(bs[i, :n] - single[idx][0][0]).max()), float(np.abs(be[i, :n] - single[idx][1][0]).max()))
+        pad[kind] = d
+    return {
+        "unit": "start and end argmax per (question, context) pair",
+        "n_inputs": len(SAMPLE_QA),
+        "n_scored": total,
+        "max_abs_dstart_ort_fp32_vs_torch": dmax[("fp32", "start")],
+        "max_abs_dend_ort_fp32_vs_torch": dmax[("fp32", "end")],
+        "max_abs_dlogit_ort_fp32_vs_torch": max(dmax[("fp32", "start")], dmax[("fp32", "end")]),
+        "argmax_agreement_ort_fp32_pct": 100.0 * agree["fp32"] / total,
+        "max_abs_dstart_ort_int8_vs_torch": dmax[("int8", "start")],
+        "max_abs_dend_ort_int8_vs_torch": dmax[("int8", "end")],
+        "max_abs_dlogit_ort_int8_vs_torch": max(dmax[("int8", "start")], dmax[("int8", "end")]),
+        "argmax_agreement_ort_int8_pct": 100.0 * agree["int8"] / total,
+        "padded_batch_vs_single_max_abs_diff_fp32": pad["fp32"],
+        "padded_batch_vs_single_max_abs_diff_int8": pad["int8"],
+        "rows": rows,
+    }
+
+
 # --------------------------------------------------------------------------- bundle
 def default_aggregation(task, labels):
     if task != "token-classification":
@@ -321,13 +444,13 @@ def write_tokenizer(out, tokenizer):
     return path
 
 
-def check_tokenizer_json(path, tokenizer):
+def check_tokenizer_json(path, tokenizer, extra_pairs=()):
     """The raw tokenizer.json must reproduce what transformers' tokenizer does."""
     from tokenizers import Tokenizer
 
     raw = Tokenizer.from_file(path)
     bad = []
-    for text, pair in [(t, None) for t in SAMPLE_SENTENCES] + list(SAMPLE_PAIRS):
+    for text, pair in [(t, None) for t in SAMPLE_SENTENCES] + list(SAMPLE_PAIRS) + list(extra_pairs):
         hf = tokenizer(text, pair, return_offsets_mapping=True)
         r = raw.encode(text, pair) if pair else raw.encode(text)
         if hf["input_ids"] != r.ids or [tuple(o) for o in hf["offset_mapping"]] != [tuple(o) for o in r.offsets]:
@@ -358,8 +481,13 @@ def write_card(out, args, task, cfg, parity, qinfo, scores, opset, command):
     L.append(f"| Lower-cased input | {a['do_lower_case']} |")
     L.append(f"| Licence | {args.licence or 'unspecified'} |")
     L.append("")
-    L.append(f"## Labels ({len(labels)})\n")
-    L.append(", ".join(f"`{l}`" for l in labels))
+    if task == QA_TASK:
+        L.append("## Outputs\n")
+        L.append("Extractive question answering: `start_logits` and `end_logits` `[batch, sequence]` "
+                 "(question first, context second; see models/export/README.md for the pipeline semantics).")
+    else:
+        L.append(f"## Labels ({len(labels)})\n")
+        L.append(", ".join(f"`{l}`" for l in labels))
     L.append("")
     L.append("## Quantization\n")
     L.append(f"ONNX opset {opset}; onnxruntime `quantize_dynamic`, weight type {args.weight_type}, "
@@ -368,15 +496,23 @@ def write_card(out, args, task, cfg, parity, qinfo, scores, opset, command):
              f"(shared-weight Identity nodes removed first: {qinfo['identity_removed']}). "
              "Inputs: int64 `input_ids`, `attention_mask`"
              + (", `token_type_ids`" if a["has_token_type_ids"] else "")
-             + " `[batch, sequence]`; output `logits`.")
+             + " `[batch, sequence]`; "
+             + ("outputs `start_logits`, `end_logits`." if task == QA_TASK else "output `logits`."))
     L.append("")
     L.append("## Parity (PyTorch fp32 vs onnxruntime)\n")
     L.append(f"{parity['n_inputs']} built-in Spanish samples, {parity['n_scored']} {parity['unit']}.\n")
-    L.append("| Comparison | max abs Δlogit | argmax agreement |\n|---|---|---|")
-    L.append(f"| ONNX fp32 vs PyTorch | {fmt(parity['max_abs_dlogit_ort_fp32_vs_torch'])} | "
-             f"{parity['argmax_agreement_ort_fp32_pct']:.2f} % |")
-    L.append(f"| ONNX int8 vs PyTorch | {fmt(parity['max_abs_dlogit_ort_int8_vs_torch'])} | "
-             f"{parity['argmax_agreement_ort_int8_pct']:.2f} % |")
+    if task == QA_TASK:
+        L.append("| Comparison | max abs Δstart_logit | max abs Δend_logit | start/end argmax agreement |\n|---|---|---|---|")
+        for kind in ("fp32", "int8"):
+            L.append(f"| ONNX {kind} vs PyTorch | {fmt(parity[f'max_abs_dstart_ort_{kind}_vs_torch'])} | "
+                     f"{fmt(parity[f'max_abs_dend_ort_{kind}_vs_torch'])} | "
+                     f"{parity[f'argmax_agreement_ort_{kind}_pct']:.2f} % |")
+    else:
+        L.append("| Comparison | max abs Δlogit | argmax agreement |\n|---|---|---|")
+        L.append(f"| ONNX fp32 vs PyTorch | {fmt(parity['max_abs_dlogit_ort_fp32_vs_torch'])} | "
+                 f"{parity['argmax_agreement_ort_fp32_pct']:.2f} % |")
+        L.append(f"| ONNX int8 vs PyTorch | {fmt(parity['max_abs_dlogit_ort_int8_vs_torch'])} | "
+                 f"{parity['argmax_agreement_ort_int8_pct']:.2f} % |")
     L.append(f"\nPadded batch vs single runs: max abs diff fp32 {fmt(parity['padded_batch_vs_single_max_abs_diff_fp32'])}, "
              f"int8 {fmt(parity['padded_batch_vs_single_max_abs_diff_int8'])} (int8 differs because "
              "DynamicQuantizeLinear picks one activation scale per tensor, i.e. per batch).")
@@ -399,7 +535,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="HF checkpoint folder or hub id")
     ap.add_argument("--out", required=True, help="bundle folder to create")
-    ap.add_argument("--task", choices=["token-classification", "text-classification"])
+    ap.add_argument("--task", choices=["token-classification", "text-classification", QA_TASK])
     ap.add_argument("--aggregation", choices=["simple", "first", "average", "max", "none"],
                     help="default aggregation strategy written to config.json (token models)")
     ap.add_argument("--licence", default=None)
@@ -425,7 +561,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as td:
         fp32 = os.path.join(td, "model.fp32.onnx")
-        export_fp32(make_wrapper(model, has_tt), has_tt, fp32, args.opset, task == "token-classification")
+        qa = task == QA_TASK
+        export_fp32(make_wrapper(model, has_tt, qa=qa), has_tt, fp32, args.opset, task == "token-classification", qa=qa)
         import onnx
         m32 = onnx.load(fp32)
         ops32 = op_counts(m32)
@@ -433,12 +570,13 @@ def main(argv=None):
             log("warning: fp32 graph contains Flatten (mask construction leaked into the graph?)")
         int8 = os.path.join(args.out, "model.onnx")
         qinfo = quantize(fp32, int8, args.weight_type)
-        parity = parity_report(task, model, tokenizer, fp32, int8)
+        parity = (parity_report_qa(model, tokenizer, fp32, int8) if qa
+                  else parity_report(task, model, tokenizer, fp32, int8))
         if args.keep_fp32:
             shutil.copyfile(fp32, args.keep_fp32)
     q = onnx.load(int8)
     tok_path = write_tokenizer(args.out, tokenizer)
-    check_tokenizer_json(tok_path, tokenizer)
+    check_tokenizer_json(tok_path, tokenizer, SAMPLE_QA if task == QA_TASK else ())
     cfg = write_config(args.out, model, tokenizer, task, aggregation, has_tt)
     scores = None
     if args.scores_json:
@@ -462,9 +600,19 @@ def main(argv=None):
         f.write("\n")
     write_card(args.out, args, task, cfg, parity, qinfo, scores, args.opset, command)
 
-    print(f"bundle: {args.out}  task={task}  model_type={cfg['model_type']}  labels={len(labels)}")
+    print(f"bundle: {args.out}  task={task}  model_type={cfg['model_type']}"
+          + ("" if task == QA_TASK else f"  labels={len(labels)}"))
     print(f"MatMul quantized: {qinfo['matmul_quantized']}/{qinfo['matmul_total']} "
           f"(Identity removed: {qinfo['identity_removed']})")
+    if task == QA_TASK:
+        for kind in ("fp32", "int8"):
+            print(f"ONNX {kind} vs torch: max|Δstart|={parity[f'max_abs_dstart_ort_{kind}_vs_torch']:.3g} "
+                  f"max|Δend|={parity[f'max_abs_dend_ort_{kind}_vs_torch']:.3g} "
+                  f"start/end argmax={parity[f'argmax_agreement_ort_{kind}_pct']:.2f}%")
+        print(f"padded-batch diff fp32={parity['padded_batch_vs_single_max_abs_diff_fp32']:.3g} "
+              f"int8={parity['padded_batch_vs_single_max_abs_diff_int8']:.3g}")
+        print(f"int8 ops: {report['op_types_int8']}")
+        return report
     print(f"ONNX fp32 vs torch: max|Δlogit|={parity['max_abs_dlogit_ort_fp32_vs_torch']:.3g} "
           f"argmax={parity['argmax_agreement_ort_fp32_pct']:.2f}%")
     print(f"ONNX int8 vs torch: max|Δlogit|={parity['max_abs_dlogit_ort_int8_vs_torch']:.3g} "

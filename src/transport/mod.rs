@@ -6,7 +6,10 @@ pub mod topic;
 
 use std::time::Duration;
 
-use rumqttc::{LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
+use rumqttc::v5::mqttbytes::v5::LastWill;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::MqttOptions;
+use rumqttc::{TlsConfiguration, Transport};
 
 use crate::config::Config;
 
@@ -42,6 +45,10 @@ pub fn stats_topic(config: &Config) -> String {
         .replace("{name}", &config.daemon.name)
 }
 
+/// MQTT 5 options. Version 5 for one reason above all: Receive Maximum, which
+/// tells the broker how many unacknowledged messages it may send us. With 3.1.1 the
+/// broker's own in-flight setting decides (Mosquitto 2 sends far more than its
+/// documented 20), and the backlog would pile up in the daemon instead of the broker.
 pub fn options(config: &Config) -> Result<MqttOptions, TransportError> {
     let b = &config.broker;
     let mut opts = MqttOptions::new(&b.client_id, &b.host, b.port);
@@ -49,15 +56,21 @@ pub fn options(config: &Config) -> Result<MqttOptions, TransportError> {
     // Persistent session + manual acks: an input is acknowledged only once its
     // result is handed to the client, and a restarted daemon gets what it had not
     // acknowledged.
-    opts.set_clean_session(b.clean_session);
+    opts.set_clean_start(b.clean_session);
+    if !b.clean_session {
+        opts.set_session_expiry_interval(Some(b.session_expiry_s));
+    }
     opts.set_manual_acks(true);
+    let queue = u16::try_from(config.daemon.queue).unwrap_or(u16::MAX);
+    opts.set_receive_maximum(Some(queue));
     let max = config.daemon.max_payload_bytes.max(1024) + 4096;
-    opts.set_max_packet_size(max, 16 * 1024 * 1024);
+    opts.set_max_packet_size(Some(max as u32));
     opts.set_last_will(LastWill::new(
         status_topic(config),
         offline_payload(&config.daemon.name),
         QoS::AtLeastOnce,
         true,
+        None,
     ));
     if let Some(user) = &b.username {
         let password = config

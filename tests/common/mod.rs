@@ -13,15 +13,52 @@ use rumqttc::{Client, Event, Incoming, MqttOptions, QoS};
 use serde_json::Value;
 
 pub struct Broker {
-    child: Child,
+    child: Option<Child>,
     pub port: u16,
-    _dir: TempDir,
+    conf: PathBuf,
+    pub dir: TempDir,
+}
+
+impl Broker {
+    fn spawn(&mut self) {
+        let child = Command::new(mosquitto_binary())
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Graceful stop (SIGTERM): with persistence on, the broker saves its sessions
+    /// and queued messages first.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -62,32 +99,86 @@ pub fn mosquitto_binary() -> PathBuf {
     panic!("mosquitto is not installed: `apt-get install mosquitto` (Debian), as .ci/run does");
 }
 
-/// `extra` is appended to the broker configuration.
+/// `extra` is appended to the broker configuration (later settings win).
 pub fn start_broker_with(extra: &str) -> Broker {
     let dir = TempDir::new("broker");
     let port = free_port();
     let conf = dir.0.join("mosquitto.conf");
+    let extra = match std::env::var("ANOTADOR_TEST_BROKER_LOG") {
+        Ok(path) => format!("{extra}\nlog_type all\nlog_dest file {path}\n"),
+        Err(_) => extra.to_string(),
+    };
+    // `user root`: a broker started as root otherwise drops to the mosquitto user,
+    // which cannot write the test's persistence folder.
     std::fs::write(
         &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10000\n{extra}\n"),
+        format!(
+            "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10000\n{extra}\n"
+        ),
     )
     .unwrap();
-    let child = Command::new(mosquitto_binary())
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "mosquitto did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Broker {
-        child,
+    let mut broker = Broker {
+        child: None,
         port,
-        _dir: dir,
+        conf,
+        dir,
+    };
+    broker.spawn();
+    broker
+}
+
+/// A TCP relay in front of the broker whose path can be cut (every connection
+/// closed, new ones refused) and restored: the network failing, not the broker.
+pub struct Proxy {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    streams: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    pub fn start(upstream: u16) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let streams = std::sync::Arc::new(std::sync::Mutex::new(Vec::<TcpStream>::new()));
+        let (c, st) = (cut.clone(), streams.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if c.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                let mut list = st.lock().unwrap();
+                list.push(client);
+                list.push(server);
+            }
+        });
+        Proxy { port, cut, streams }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.streams.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -230,6 +321,14 @@ pub struct Device {
 impl Device {
     pub fn connect(port: u16, id: &str) -> Device {
         Device::connect_with(MqttOptions::new(id, "127.0.0.1", port))
+    }
+
+    /// A device whose subscriptions and undelivered results survive its own
+    /// disconnections (what a real consumer of the results would use).
+    pub fn connect_persistent(port: u16, id: &str) -> Device {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_clean_session(false);
+        Device::connect_with(opts)
     }
 
     pub fn connect_with_credentials(port: u16, id: &str, user: &str, password: &str) -> Device {
