@@ -55,6 +55,11 @@ pub struct Daemon {
     /// the broker's in-flight window for this client (mosquitto: max_inflight_messages,
     /// default 20), so the backlog waits in the broker, not here.
     pub queue: usize,
+    /// Received messages waiting for a free slot in `queue`, in payload bytes. MQTT 5
+    /// brokers are asked to send no more than `queue` at a time, but Mosquitto 2.0
+    /// sends its whole backlog; past this many bytes messages are left
+    /// unacknowledged and fetched again by resuming the session once caught up.
+    pub backlog_bytes: usize,
     /// On SIGTERM, how long in-flight messages may take to finish.
     pub shutdown_timeout_s: u64,
 }
@@ -68,6 +73,7 @@ impl Default for Daemon {
             stats_interval_s: 60,
             max_payload_bytes: 64 * 1024,
             queue: 32,
+            backlog_bytes: 4 << 20,
             shutdown_timeout_s: 10,
         }
     }

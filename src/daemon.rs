@@ -238,19 +238,37 @@ async fn serve(
     // messages (MQTT 5 Receive Maximum) but not all obey (Mosquitto 2.0 sends its
     // whole backlog), so this list is capped at `queue` too: beyond that a message is
     // deferred, left unacknowledged, and fetched again through a session resume once
-    // the daemon has caught up. Memory stays bounded whatever the broker does.
+    // the daemon has caught up. The list holds at most `daemon.backlog_bytes` of
+    // payload: memory stays bounded whatever the broker does.
     let mut waiting: std::collections::VecDeque<(Publish, Instant)> =
         std::collections::VecDeque::new();
+    let mut waiting_bytes = 0usize;
     let mut deferred = 0u64;
     let mut resyncing = false;
     let mut attempt = 0u32;
     let mut draining: Option<Instant> = None;
     let timeout = Duration::from_secs(config.daemon.shutdown_timeout_s);
     loop {
+        // Deferred messages are fetched again once everything held is answered:
+        // nothing waiting, every permit back. Then a disconnect; the next poll
+        // resumes the session and the broker delivers them again.
+        let caught_up =
+            waiting.is_empty() && ctx.permits.available_permits() == config.daemon.queue;
+        if deferred > 0 && caught_up && !resyncing && draining.is_none() {
+            resyncing = true;
+            log::info!("caught up: resuming the session to fetch {deferred} deferred messages");
+            let client = client.clone();
+            tokio::spawn(async move {
+                let _ = client.disconnect().await;
+            });
+        }
         let event = tokio::select! {
             event = eventloop.poll() => event,
-            permit = ctx.permits.clone().acquire_owned(), if !waiting.is_empty() && draining.is_none() => {
+            // Wakes the loop to re-check `caught_up` while messages are deferred.
+            _ = tokio::time::sleep(Duration::from_millis(20)), if deferred > 0 && !resyncing => continue,
+            permit = ctx.permits.clone().acquire_owned(), if !waiting.is_empty() && draining.is_none() && !resyncing => {
                 let (publish, received) = waiting.pop_front().expect("not empty");
+                waiting_bytes -= publish.payload.len() + publish.topic.len();
                 intake(publish, permit.expect("semaphore never closed"), received, &ctx);
                 continue;
             }
@@ -311,37 +329,46 @@ async fn serve(
                 }
                 let received = Instant::now();
                 match ctx.permits.clone().try_acquire_owned() {
+                    // While a session resume is pending, take nothing new: its
+                    // acknowledgement could miss the disconnect.
+                    _ if resyncing => {
+                        deferred += 1;
+                        stats.deferred.fetch_add(1, Ordering::Relaxed);
+                    }
                     Ok(permit) if waiting.is_empty() => intake(publish, permit, received, &ctx),
                     Ok(permit) => {
                         drop(permit);
+                        waiting_bytes += publish.payload.len() + publish.topic.len();
                         waiting.push_back((publish, received));
                     }
-                    Err(_) if waiting.len() < config.daemon.queue => {
+                    Err(_)
+                        if waiting_bytes + publish.payload.len() + publish.topic.len()
+                            <= config.daemon.backlog_bytes
+                            || waiting.is_empty() =>
+                    {
+                        waiting_bytes += publish.payload.len() + publish.topic.len();
                         waiting.push_back((publish, received))
                     }
                     Err(_) => {
                         if deferred == 0 {
                             log::warn!(
-                                "the broker sent more than daemon.queue ({}) unacknowledged messages: deferring the rest until the backlog drains",
-                                config.daemon.queue
+                                "the broker sent more than daemon.backlog_bytes ({}) of unacknowledged messages: deferring the rest until the backlog drains",
+                                config.daemon.backlog_bytes
                             );
                         }
                         deferred += 1;
                         stats.deferred.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                if deferred > 0 && !resyncing {
-                    resyncing = true;
-                    spawn_resync(client.clone(), ctx.permits.clone(), config.daemon.queue);
-                }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) if resyncing && draining.is_none() => {
                 // The next poll reconnects; the resumed session redelivers the
                 // deferred messages.
-                log::info!("resuming the session to fetch {deferred} deferred messages");
                 resyncing = false;
+                attempt = 0;
                 deferred = 0;
                 waiting.clear();
+                waiting_bytes = 0;
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 log::info!("disconnected");
@@ -509,19 +536,6 @@ async fn publish_stats(
             return;
         }
     }
-}
-
-/// Once every accepted message is answered (all permits back), disconnects so that
-/// the broker, on the resumed session, delivers the deferred messages again.
-fn spawn_resync(client: AsyncClient, permits: Arc<Semaphore>, queue: usize) {
-    tokio::spawn(async move {
-        // Let the in-flight window fill and drain first: deferring is a flood.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if let Ok(all) = permits.acquire_many(queue as u32).await {
-            drop(all);
-            let _ = client.disconnect().await;
-        }
-    });
 }
 
 /// Waits for in-flight messages to finish (all permits back) or the timeout, then
