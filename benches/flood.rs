@@ -37,6 +37,10 @@ fn main() {
             .display()
             .to_string()
     });
+    // The config lives in a temporary folder: give it an absolute bundle path.
+    let model = std::fs::canonicalize(&model)
+        .map(|p| p.display().to_string())
+        .unwrap_or(model);
     let total: usize = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(10_000);
     let outstanding: usize = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(0);
     let csv_path = args.get(3).cloned();

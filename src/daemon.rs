@@ -122,7 +122,11 @@ pub fn load(config: &Config) -> crate::Result<(BTreeMap<String, Arc<Bundle>>, Ve
     let mut annotators = Vec::new();
     for route in &config.routes {
         let options = config.task_options(&route.model, Some(&route.options));
-        annotators.push(Annotator::new(bundles[&route.model].clone(), &options)?);
+        // Window and stride live under the model's key: name it, as for every other
+        // configuration problem.
+        let annotator = Annotator::new(bundles[&route.model].clone(), &options)
+            .map_err(|e| crate::Error::InvalidRequest(format!("models.{}: {e}", route.model)))?;
+        annotators.push(annotator);
     }
     Ok((bundles, annotators))
 }

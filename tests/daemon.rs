@@ -240,6 +240,13 @@ fn check_rejects_bad_configs_naming_the_key() {
         "{out}"
     );
 
+    // Limits beyond the model's maximum (the fixtures take 64 tokens).
+    let (ok, out) = run(&base.replace("[models.cls]\n", "[models.cls]\nwindow = 100\n"));
+    assert!(
+        !ok && out.contains("models.cls") && out.contains("maximum"),
+        "{out}"
+    );
+
     // Model integrity: the right digest loads, any other is refused before parsing.
     let digest =
         anotador::bundle::model_sha256(std::path::Path::new(&fixture("bert-seq"))).unwrap();

@@ -1,0 +1,36 @@
+"""Compact the fine-tune results for the model cards: out/<task>-scores.json keeps flat headline numbers;
+the per-epoch history goes to out/<task>-history.json."""
+import json, sys
+from common import OUT
+task = sys.argv[1]
+r = json.load(open(f"{OUT}/{task}-scores.json"))
+if "history" in r:
+    json.dump(r, open(f"{OUT}/{task}-history.json", "w"), indent=1, ensure_ascii=False)
+else:
+    r = json.load(open(f"{OUT}/{task}-history.json"))
+pre = json.load(open(f"{OUT}/pretrain-stats.json"))
+c = {}
+if task == "ner":
+    c["dev_entity_f1 (esp.testa, fp32)"] = round(r["dev"]["f1"], 2)
+    c["dev_precision"] = round(r["dev"]["precision"], 2); c["dev_recall"] = round(r["dev"]["recall"], 2)
+    c["dev_f1_per_type"] = {k: round(100 * v["f1"], 1) for k, v in r["dev"]["per_type"].items()}
+elif task == "pos":
+    c["test_upos_accuracy (es_gsd-ud-test, held out, fp32)"] = round(r["test"]["accuracy"], 2)
+    c["dev_upos_accuracy (5% of train sentences, selection)"] = round(r["dev"]["accuracy"], 2)
+else:
+    c["test_accuracy (splits/xed-test.tsv, fp32)"] = r["test"]["accuracy"]; c["test_macro_f1"] = r["test"]["macro_f1"]
+    c["dev_accuracy"] = r["dev"]["accuracy"]; c["dev_macro_f1"] = r["dev"]["macro_f1"]
+    c["majority_baseline"] = r["majority_baseline"]
+    c["test_per_class_f1"] = r["test"]["per_class_f1"]
+c["metric"] = r["metric"]; c["best_epoch"] = r["best_epoch"]; c["epochs_run"] = len(r["history"])
+c["fine_tune_minutes (2 shared CPU cores)"] = r["total_minutes"]
+arch = "ALBERT (unshared, 4 layers, hidden 256, embedding 128, 4 heads, ffn 1024, vocab 7000 cased WordPiece, max_pos 512)"
+if "scratch" in r["init"]:
+    c["encoder"] = arch + ", encoder layers freshly initialised (seed 1234), word embeddings = PPMI-SVD vectors from the pretraining text"
+else:
+    c["encoder"] = (arch + f", MLM-pretrained {pre['tokens_seen_total']/1e6:.1f}M tokens (held-out MLM loss {pre['final_eval_mlm_loss']}, "
+                    "still on the unigram plateau), then word embeddings replaced by PPMI-SVD vectors")
+c["training_data_licence"] = r["licence"]
+c["recipe"] = f"models/train/README.md (python models/train/train.py {task})"
+json.dump(c, open(f"{OUT}/{task}-scores.json", "w"), indent=1, ensure_ascii=False)
+print(json.dumps(c, indent=1, ensure_ascii=False))
