@@ -39,13 +39,18 @@ fn every_input_gets_exactly_one_result_or_error() {
         format!(r#"{{"id": "long", "text": "{long}"}}"#),
     );
     device.publish("in/cls", "Llueve mucho en Santiago.");
+    // Nothing in a payload chooses the output topic.
+    device.publish(
+        "in/ner/dev7",
+        r#"{"id": "+/#/../$SYS", "text": "Hola", "topic": "$SYS/x", "output": "evil/#"}"#,
+    );
 
     let outcomes = |g: &[(String, Value)]| {
         g.iter()
             .filter(|(t, _)| t.starts_with("out/") || t.starts_with("err/"))
             .count()
     };
-    let got = device.collect(Duration::from_secs(30), |g| outcomes(g) >= 8);
+    let got = device.collect(Duration::from_secs(30), |g| outcomes(g) >= 9);
     std::thread::sleep(Duration::from_millis(500));
     let mut got: Vec<(String, Value)> = got
         .into_iter()
@@ -56,7 +61,16 @@ fn every_input_gets_exactly_one_result_or_error() {
             got.push((t, serde_json::from_slice(&p).unwrap()));
         }
     }
-    assert_eq!(got.len(), 8, "exactly one outcome per input: {got:#?}");
+    assert_eq!(got.len(), 9, "exactly one outcome per input: {got:#?}");
+    let steered = got
+        .iter()
+        .find(|(_, v)| v["id"] == "+/#/../$SYS")
+        .expect("result for the hostile id");
+    assert_eq!(
+        steered.0, "out/ner/dev7",
+        "payload fields never change the output topic"
+    );
+    assert_eq!(steered.1["topic"], "in/ner/dev7");
 
     let ok = got
         .iter()
@@ -121,8 +135,8 @@ fn every_input_gets_exactly_one_result_or_error() {
         .find(|(t, _)| t == "anotador/t/stats")
         .expect("stats")
         .1;
-    assert_eq!(s["received"], 8);
-    assert_eq!(s["published"], 8);
+    assert_eq!(s["received"], 9);
+    assert_eq!(s["published"], 9);
     assert!(s["rss_bytes"].as_u64().unwrap() > 0);
 
     // No message text at info level.
