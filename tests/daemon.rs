@@ -330,3 +330,69 @@ fn systemd_ready_watchdog_and_stopping() {
     assert!(stopping, "STOPPING=1 sent on SIGTERM");
     assert!(daemon.0.wait().unwrap().success());
 }
+
+#[test]
+fn shared_subscription_splits_one_stream_between_two_daemons() {
+    let broker = start_broker();
+    let dir = TempDir::new("share");
+    let base = std::fs::read_to_string(write_config(&dir.0, broker.port, "share", "")).unwrap();
+    let mut daemons = Vec::new();
+    for n in ["t1", "t2"] {
+        let text = base
+            .replace("name = \"t\"", &format!("name = \"{n}\""))
+            .replace(
+                "client_id = \"share\"",
+                &format!("client_id = \"share-{n}\""),
+            )
+            .replace(
+                "topic = \"in/ner/+\"",
+                "topic = \"$share/workers/in/ner/+\"",
+            )
+            .replace("output = \"out/ner/{1}\"", "output = \"out/{name}/{1}\"");
+        let path = dir.0.join(format!("{n}.toml"));
+        std::fs::write(&path, text).unwrap();
+        daemons.push(Daemon::start(&path));
+    }
+    let device = Device::connect(broker.port, "share-device");
+    let online = device.collect(Duration::from_secs(30), |g| {
+        ["anotador/t1/status", "anotador/t2/status"]
+            .iter()
+            .all(|s| g.iter().any(|(t, v)| t == s && v["status"] == "online"))
+    });
+    assert_eq!(
+        online
+            .iter()
+            .filter(|(t, v)| t.ends_with("/status") && v["status"] == "online")
+            .count(),
+        2,
+        "{online:?}"
+    );
+    let total = 200;
+    for i in 0..total {
+        device.publish(
+            "in/ner/s",
+            format!(r#"{{"id": {i}, "text": "Reunión en Quito número {i}."}}"#),
+        );
+    }
+    let got = device.collect(Duration::from_secs(60), |g| {
+        g.iter().filter(|(t, _)| t.starts_with("out/")).count() >= total
+    });
+    let mut by_daemon: HashMap<String, usize> = HashMap::new();
+    let mut ids: HashMap<i64, usize> = HashMap::new();
+    for (t, v) in got.iter().filter(|(t, _)| t.starts_with("out/")) {
+        *by_daemon
+            .entry(t.split('/').nth(1).unwrap().to_string())
+            .or_default() += 1;
+        *ids.entry(v["id"].as_i64().unwrap()).or_default() += 1;
+    }
+    println!("shared subscription split: {by_daemon:?}");
+    assert_eq!(ids.len(), total, "every message answered");
+    assert!(
+        ids.values().all(|&n| n == 1),
+        "each message answered by one daemon only"
+    );
+    assert!(
+        by_daemon.len() == 2 && by_daemon.values().all(|&n| n > 0),
+        "both daemons took a share: {by_daemon:?}"
+    );
+}
