@@ -34,7 +34,7 @@ pub struct Stats {
     pub received: AtomicU64,
     /// Deliveries flagged DUP by the broker (redelivered after a reconnect).
     pub redelivered: AtomicU64,
-    /// Messages left unacknowledged because the broker sent more than `queue`.
+    /// Messages left unacknowledged because the waiting list was full.
     pub deferred: AtomicU64,
     pub published: AtomicU64,
     pub results: AtomicU64,
@@ -240,13 +240,11 @@ async fn serve(
     // polling (pings, acknowledgements and results all go through it), so it never
     // waits for a permit. Brokers are asked for at most `queue` unacknowledged
     // messages (MQTT 5 Receive Maximum) but not all obey (Mosquitto 2.0 sends its
-    // whole backlog), so this list is capped at `queue` too: beyond that a message is
-    // deferred, left unacknowledged, and fetched again through a session resume once
-    // the daemon has caught up. The list holds at most `daemon.backlog_bytes` of
-    // payload: memory stays bounded whatever the broker does.
-    let mut waiting: std::collections::VecDeque<(Publish, Instant)> =
-        std::collections::VecDeque::new();
-    let mut waiting_bytes = 0usize;
+    // whole backlog), so the list holds at most `daemon.backlog_bytes`: beyond that
+    // a message is deferred, left unacknowledged, and fetched again through a
+    // session resume once the daemon has caught up. Memory stays bounded whatever
+    // the broker does.
+    let mut waiting = Waiting::new(config.daemon.backlog_bytes);
     let mut deferred = 0u64;
     let mut resyncing = false;
     let mut attempt = 0u32;
@@ -271,8 +269,7 @@ async fn serve(
             // Wakes the loop to re-check `caught_up` while messages are deferred.
             _ = tokio::time::sleep(Duration::from_millis(20)), if deferred > 0 && !resyncing => continue,
             permit = ctx.permits.clone().acquire_owned(), if !waiting.is_empty() && draining.is_none() && !resyncing => {
-                let (publish, received) = waiting.pop_front().expect("not empty");
-                waiting_bytes -= publish.payload.len() + publish.topic.len();
+                let (publish, received) = waiting.pop().expect("not empty");
                 intake(publish, permit.expect("semaphore never closed"), received, &ctx);
                 continue;
             }
@@ -340,19 +337,12 @@ async fn serve(
                         stats.deferred.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(permit) if waiting.is_empty() => intake(publish, permit, received, &ctx),
+                    // Older messages are waiting: keep the order, queue behind them.
                     Ok(permit) => {
                         drop(permit);
-                        waiting_bytes += publish.payload.len() + publish.topic.len();
-                        waiting.push_back((publish, received));
+                        waiting.push(publish, received);
                     }
-                    Err(_)
-                        if waiting_bytes + publish.payload.len() + publish.topic.len()
-                            <= config.daemon.backlog_bytes
-                            || waiting.is_empty() =>
-                    {
-                        waiting_bytes += publish.payload.len() + publish.topic.len();
-                        waiting.push_back((publish, received))
-                    }
+                    Err(_) if waiting.fits(&publish) => waiting.push(publish, received),
                     Err(_) => {
                         if deferred == 0 {
                             log::warn!(
@@ -372,7 +362,6 @@ async fn serve(
                 attempt = 0;
                 deferred = 0;
                 waiting.clear();
-                waiting_bytes = 0;
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 log::info!("disconnected");
@@ -416,6 +405,53 @@ async fn serve(
     Ok(())
 }
 
+/// Received messages waiting for a permit, in arrival order, within a byte budget.
+struct Waiting {
+    items: std::collections::VecDeque<(Publish, Instant)>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl Waiting {
+    fn new(budget: usize) -> Waiting {
+        Waiting {
+            items: Default::default(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    fn size(publish: &Publish) -> usize {
+        publish.payload.len() + publish.topic.len()
+    }
+
+    /// Within the budget; one message always fits, so a single large one still flows.
+    fn fits(&self, publish: &Publish) -> bool {
+        self.items.is_empty() || self.bytes + Self::size(publish) <= self.budget
+    }
+
+    fn push(&mut self, publish: Publish, received: Instant) {
+        self.bytes += Self::size(&publish);
+        self.items.push_back((publish, received));
+    }
+
+    fn pop(&mut self) -> Option<(Publish, Instant)> {
+        let item = self.items.pop_front()?;
+        self.bytes -= Self::size(&item.0);
+        Some(item)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Dropped unacknowledged: the resumed session delivers them again.
+    fn clear(&mut self) {
+        self.items.clear();
+        self.bytes = 0;
+    }
+}
+
 /// What the event loop needs to accept a message.
 struct Intake {
     routes: Vec<RouteRuntime>,
@@ -455,17 +491,16 @@ fn intake(publish: Publish, permit: OwnedSemaphorePermit, received: Instant, ctx
     match message::parse(&publish.payload, route.format, ctx.max_bytes) {
         Err((id, error)) => {
             log::debug!("bad payload on {topic}: {}", error.code());
-            let mut outcome = error_outcome(
+            let _ = outcomes.send(error_outcome(
                 &topic,
                 errors,
                 &route.model,
                 id.as_ref(),
                 &error,
                 publish,
+                permit,
                 received,
-            );
-            outcome.permit = Some(permit);
-            let _ = outcomes.send(outcome);
+            ));
         }
         Ok(request) => workers[&route.model].submit(Job {
             route: index,
@@ -490,12 +525,7 @@ async fn publish_outcomes(
     while let Some(outcome) = rx.recv().await {
         if !outcome.topic.is_empty() {
             if let Err(e) = client
-                .publish(
-                    outcome.topic.clone(),
-                    QoS::AtLeastOnce,
-                    false,
-                    outcome.payload,
-                )
+                .publish(outcome.topic, QoS::AtLeastOnce, false, outcome.payload)
                 .await
             {
                 log::error!(

@@ -50,6 +50,7 @@ pub fn error_outcome<A>(
     id: Option<&Value>,
     error: &Error,
     ack: A,
+    permit: OwnedSemaphorePermit,
     received: Instant,
 ) -> Outcome<A> {
     let mut envelope = ErrorEnvelope::new(model, id, error);
@@ -59,7 +60,7 @@ pub fn error_outcome<A>(
         payload: serde_json::to_vec(&envelope).expect("error envelopes serialize"),
         error: Some(error.code()),
         ack,
-        permit: None,
+        permit: Some(permit),
         received,
     }
 }

@@ -207,15 +207,8 @@ fn killed_daemon_loses_nothing_and_sigterm_says_offline() {
     // SIGTERM: clean exit and a retained offline status.
     let status = daemon.terminate();
     assert!(status.success(), "{status:?}");
-    let got = device.collect(Duration::from_secs(10), |g| {
-        g.iter()
-            .any(|(t, v)| t == "anotador/t/status" && v["status"] == "offline")
-    });
-    assert!(
-        got.iter()
-            .any(|(t, v)| t == "anotador/t/status" && v["status"] == "offline"),
-        "{got:?}"
-    );
+    let (offline, got) = saw_status(&device, "offline", Duration::from_secs(10));
+    assert!(offline, "{got:?}");
 }
 
 #[test]

@@ -142,12 +142,9 @@ fn mutual_tls_works_and_plaintext_is_never_used() {
         p("client.key")
     );
     let daemon = Daemon::start(&config(&pki.0, tls_port, "tls-daemon", &tls));
-    let online = device.collect(Duration::from_secs(30), |g| {
-        g.iter()
-            .any(|(t, v)| t == "anotador/t/status" && v["status"] == "online")
-    });
+    let (online, _) = saw_status(&device, "online", Duration::from_secs(30));
     assert!(
-        !online.is_empty(),
+        online,
         "daemon not online over mutual TLS:\n{}",
         daemon.log()
     );
@@ -161,15 +158,8 @@ fn mutual_tls_works_and_plaintext_is_never_used() {
     // The same TLS settings pointed at the plaintext port: the handshake fails and the
     // daemon keeps retrying; it never falls back to plaintext.
     let daemon = Daemon::start(&config(&pki.0, broker.port, "tls-to-plain", &tls));
-    let got = device.collect(Duration::from_secs(4), |g| {
-        g.iter()
-            .any(|(t, v)| t == "anotador/t/status" && v["status"] == "online")
-    });
-    assert!(
-        !got.iter()
-            .any(|(t, v)| t == "anotador/t/status" && v["status"] == "online"),
-        "connected in plaintext?"
-    );
+    let (online, _) = saw_status(&device, "online", Duration::from_secs(4));
+    assert!(!online, "connected in plaintext?");
     let log = daemon.stderr();
     assert!(log.contains("retrying in"), "backs off:\n{log}");
 }

@@ -170,13 +170,18 @@ impl Annotator {
     }
 
     fn run(&self, state: &mut EngineState, windows: &[Window]) -> Result<Logits> {
+        // Every chunk is padded to the longest window, so chunks concatenate as rows.
+        let seq_len = windows.iter().map(|w| w.ids.len()).max().unwrap_or(0);
         let mut all: Option<Logits> = None;
         for chunk in windows.chunks(WINDOWS_PER_RUN) {
-            let logits = state.run(&self.windower.batch(chunk))?;
-            all = Some(match all {
-                None => logits,
-                Some(acc) => concat_rows(acc, logits),
-            });
+            let logits = state.run(&self.windower.batch(chunk, seq_len))?;
+            match &mut all {
+                None => all = Some(logits),
+                Some(acc) => {
+                    acc.values.extend(logits.values);
+                    acc.rows += logits.rows;
+                }
+            }
         }
         all.ok_or_else(|| Error::Inference("no windows".into()))
     }
@@ -214,34 +219,6 @@ impl Annotator {
                 postprocess_ms: ms(t2, t3),
             },
         })
-    }
-}
-
-fn concat_rows(mut a: Logits, b: Logits) -> Logits {
-    if a.seq_len == b.seq_len {
-        a.values.extend(b.values);
-        a.rows += b.rows;
-        return a;
-    }
-    // Chunks padded to different lengths: re-pad to the longer one.
-    let seq_len = a.seq_len.max(b.seq_len);
-    let mut values = Vec::with_capacity((a.rows + b.rows) * seq_len * a.labels);
-    for l in [&a, &b] {
-        for row in 0..l.rows {
-            for pos in 0..seq_len {
-                if pos < l.seq_len {
-                    values.extend_from_slice(l.at(row, pos));
-                } else {
-                    values.extend(std::iter::repeat_n(0.0, l.labels));
-                }
-            }
-        }
-    }
-    Logits {
-        rows: a.rows + b.rows,
-        seq_len,
-        labels: a.labels,
-        values,
     }
 }
 

@@ -32,6 +32,8 @@ pub struct Windower {
     pub max_windows: usize,
     pad_id: u32,
     type_ids: bool,
+    /// Special tokens the post-processor adds to one sequence ([CLS] … [SEP]).
+    specials: usize,
 }
 
 impl Windower {
@@ -62,6 +64,7 @@ impl Windower {
             max_windows: max_windows.max(1),
             pad_id,
             type_ids,
+            specials,
         })
     }
 
@@ -96,11 +99,7 @@ impl Windower {
             }
             None => {
                 let mut encoding = self.tokenizer.encode(text, false).map_err(tokenizer_err)?;
-                let specials = self
-                    .tokenizer
-                    .get_post_processor()
-                    .map_or(0, |p| p.added_tokens(false));
-                let budget = self.max_length - specials;
+                let budget = self.max_length - self.specials;
                 if encoding.len() > budget {
                     let step = budget - self.stride;
                     let needed = 1 + (encoding.len() - budget).div_ceil(step);
@@ -144,9 +143,13 @@ impl Windower {
             .collect())
     }
 
-    /// Pads windows into one batch (padding is masked out by attention_mask).
-    pub fn batch(&self, windows: &[Window]) -> Batch {
-        let seq_len = windows.iter().map(|w| w.ids.len()).max().unwrap_or(0);
+    /// Pads windows to `seq_len` tokens (at least the longest) in one batch; the
+    /// padding is masked out by attention_mask.
+    pub fn batch(&self, windows: &[Window], seq_len: usize) -> Batch {
+        let seq_len = windows
+            .iter()
+            .map(|w| w.ids.len())
+            .fold(seq_len, usize::max);
         let rows = windows.len();
         let mut batch = Batch {
             rows,

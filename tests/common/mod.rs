@@ -415,14 +415,19 @@ pub fn rss_of(pid: u32) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// Whether daemon `t` announced `status` ("online" / "offline") within `timeout`,
+/// with everything the device received meanwhile.
+pub fn saw_status(
+    device: &Device,
+    status: &str,
+    timeout: Duration,
+) -> (bool, Vec<(String, Value)>) {
+    let is_it = |(t, v): &(String, Value)| t == "anotador/t/status" && v["status"] == status;
+    let got = device.collect(timeout, |g| g.iter().any(is_it));
+    (got.iter().any(is_it), got)
+}
+
 pub fn wait_online(device: &Device) {
-    let got = device.collect(Duration::from_secs(30), |g| {
-        g.iter()
-            .any(|(t, v)| t == "anotador/t/status" && v["status"] == "online")
-    });
-    assert!(
-        got.iter()
-            .any(|(t, v)| t == "anotador/t/status" && v["status"] == "online"),
-        "daemon never announced itself online: {got:?}"
-    );
+    let (online, got) = saw_status(device, "online", Duration::from_secs(30));
+    assert!(online, "daemon never announced itself online: {got:?}");
 }
