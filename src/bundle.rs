@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 pub enum Task {
     TokenClassification,
     TextClassification,
+    QuestionAnswering,
 }
 
 impl Task {
@@ -30,6 +31,7 @@ impl Task {
         match self {
             Task::TokenClassification => "token-classification",
             Task::TextClassification => "text-classification",
+            Task::QuestionAnswering => "question-answering",
         }
     }
 }
@@ -160,6 +162,7 @@ impl Bundle {
         let expected_output = match config.task {
             Task::TokenClassification => OutputKind::PerToken,
             Task::TextClassification => OutputKind::PerSequence,
+            Task::QuestionAnswering => OutputKind::Span,
         };
         if info.output != expected_output {
             return Err(Error::bundle(
@@ -172,7 +175,8 @@ impl Bundle {
                 ),
             ));
         }
-        if info.labels != config.labels.len() {
+        // A QA head has start and end logits, whatever id2label says.
+        if config.task != Task::QuestionAnswering && info.labels != config.labels.len() {
             return Err(Error::bundle(
                 dir,
                 CONFIG,
@@ -244,13 +248,20 @@ fn read_config(dir: &Path) -> Result<ModelConfig> {
                     Some(Task::TokenClassification)
                 } else if a.ends_with("ForSequenceClassification") {
                     Some(Task::TextClassification)
+                } else if a.ends_with("ForQuestionAnswering") {
+                    Some(Task::QuestionAnswering)
                 } else {
                     None
                 }
             })
-            .ok_or_else(|| bad("cannot tell the task: no `anotador.task` and no *For{Token,Sequence}Classification architecture".into()))?,
+            .ok_or_else(|| bad("cannot tell the task: no `anotador.task` and no *For{Token,Sequence}Classification or *ForQuestionAnswering architecture".into()))?,
     };
-    let id2label = hf.id2label.ok_or_else(|| bad("no `id2label`".into()))?;
+    // QA heads have no labels; transformers writes a default id2label anyway.
+    let id2label = match hf.id2label {
+        Some(map) => map,
+        None if task == Task::QuestionAnswering => BTreeMap::new(),
+        None => return Err(bad("no `id2label`".into())),
+    };
     let mut indexed: Vec<(usize, String)> = Vec::with_capacity(id2label.len());
     for (k, v) in id2label {
         let ix = k
@@ -263,7 +274,7 @@ fn read_config(dir: &Path) -> Result<ModelConfig> {
         return Err(bad("id2label keys are not 0..n-1".into()));
     }
     let labels: Vec<String> = indexed.into_iter().map(|(_, v)| v).collect();
-    if labels.is_empty() {
+    if labels.is_empty() && task != Task::QuestionAnswering {
         return Err(bad("id2label is empty".into()));
     }
     let max_positions = hf.max_position_embeddings.unwrap_or(512);

@@ -187,6 +187,10 @@ pub struct RouteOptions {
     pub aggregation: Option<crate::bundle::Aggregation>,
     pub top_k: Option<usize>,
     pub function_to_apply: Option<crate::bundle::ScoreFunction>,
+    /// Question answering: longest answer in tokens (default 15).
+    pub max_answer_len: Option<usize>,
+    /// Question answering: also offer the empty answer, scored by [CLS] (default false).
+    pub handle_impossible_answer: Option<bool>,
 }
 
 impl Config {
@@ -297,6 +301,8 @@ impl Config {
             window: m.window,
             stride: m.stride,
             max_windows: m.max_windows,
+            max_answer_len: route.and_then(|r| r.max_answer_len),
+            handle_impossible_answer: route.and_then(|r| r.handle_impossible_answer),
         }
     }
 

@@ -96,6 +96,7 @@ struct RouteRuntime {
     filter: topic::Filter,
     model: String,
     format: message::PayloadFormat,
+    task: crate::bundle::Task,
     output: String,
     errors: String,
 }
@@ -120,7 +121,16 @@ pub fn load(config: &Config) -> crate::Result<(BTreeMap<String, Arc<Bundle>>, Ve
         bundles.insert(name.clone(), bundle);
     }
     let mut annotators = Vec::new();
-    for route in &config.routes {
+    for (i, route) in config.routes.iter().enumerate() {
+        let task = bundles[&route.model].config.task;
+        if task == crate::bundle::Task::QuestionAnswering
+            && route.format == message::PayloadFormat::Text
+        {
+            return Err(crate::Error::InvalidRequest(format!(
+                "routes[{i}]: model {} answers questions: its payloads are JSON {{\"question\", \"context\"}}, so format = \"text\" cannot feed it",
+                route.model
+            )));
+        }
         let options = config.task_options(&route.model, Some(&route.options));
         // Window and stride live under the model's key: name it, as for every other
         // configuration problem.
@@ -166,10 +176,12 @@ async fn serve(
     let routes: Vec<RouteRuntime> = config
         .routes
         .iter()
-        .map(|r| RouteRuntime {
+        .zip(&annotators)
+        .map(|(r, a)| RouteRuntime {
             filter: topic::Filter::parse(&r.topic).expect("validated at load"),
             model: r.model.clone(),
             format: r.format,
+            task: a.task(),
             output: r.output.clone(),
             errors: r.errors.clone(),
         })
@@ -488,7 +500,7 @@ fn intake(publish: Publish, permit: OwnedSemaphorePermit, received: Instant, ctx
     };
     let output = topic::render(&route.output, &topic, &captures, &route.model, name);
     let errors = topic::render(&route.errors, &topic, &captures, &route.model, name);
-    match message::parse(&publish.payload, route.format, ctx.max_bytes) {
+    match message::parse(&publish.payload, route.format, route.task, ctx.max_bytes) {
         Err((id, error)) => {
             log::debug!("bad payload on {topic}: {}", error.code());
             let _ = outcomes.send(error_outcome(

@@ -27,6 +27,9 @@ pub enum Error {
     #[error("text is empty")]
     EmptyText,
 
+    #[error("`{field}` is empty")]
+    EmptyField { field: &'static str },
+
     #[error("payload is {size} bytes, over the limit of {limit}")]
     PayloadTooLarge { size: usize, limit: usize },
 
@@ -64,8 +67,9 @@ impl Error {
             Error::Bundle { .. } => "bad_bundle",
             Error::InvalidUtf8 { .. } => "invalid_utf8",
             Error::InvalidJson(_) => "invalid_json",
-            Error::MissingField { .. } => "missing_text",
-            Error::EmptyText => "empty_text",
+            Error::MissingField { field: "text" } => "missing_text",
+            Error::MissingField { .. } => "missing_field",
+            Error::EmptyText | Error::EmptyField { .. } => "empty_text",
             Error::PayloadTooLarge { .. } => "payload_too_large",
             Error::TextTooLong { .. } => "text_too_long",
             Error::InvalidRequest(_) => "invalid_request",

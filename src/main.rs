@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use anotador::bundle::{Aggregation, ScoreFunction};
+use anotador::bundle::{Aggregation, ScoreFunction, Task};
 use anotador::eval::DataFormat;
 use anotador::message::{self, ErrorEnvelope, PayloadFormat, ResultEnvelope};
 use anotador::{Annotator, Bundle, TaskOptions};
@@ -24,24 +24,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Annotate lines of stdin (text, or JSON objects with --format json); one JSON result per line.
+    /// Annotate lines of stdin (text, or JSON objects with --format json: {"text"} or, for
+    /// question answering, {"question", "context"}); one JSON result per line.
     Annotate {
         #[command(flatten)]
         model: ModelArgs,
-        /// How each input line is read.
-        #[arg(long, value_enum, default_value = "text")]
-        format: PayloadFormat,
+        /// How each input line is read; default text (json for question answering).
+        #[arg(long, value_enum)]
+        format: Option<PayloadFormat>,
         /// Lines longer than this many bytes get a `payload_too_large` error.
         #[arg(long, default_value_t = 1 << 20)]
         max_bytes: usize,
     },
-    /// Score a bundle on labelled data: CoNLL (entity F1), CoNLL-U (UPOS accuracy), or TSV (accuracy, macro-F1).
+    /// Score a bundle on labelled data: CoNLL (entity F1), CoNLL-U (UPOS accuracy), TSV
+    /// (accuracy, macro-F1) or SQuAD v1.1 JSON (exact match, F1).
     Eval {
         #[command(flatten)]
         model: ModelArgs,
         #[arg(long)]
         data: PathBuf,
-        /// Data format; guessed from the extension (.conllu, .tsv, else CoNLL).
+        /// Data format; guessed from the extension (.conllu, .tsv, .json = SQuAD, else CoNLL).
         #[arg(long, value_enum)]
         data_format: Option<DataFormat>,
         /// Worker threads, each with its own engine state.
@@ -76,21 +78,27 @@ struct ModelArgs {
     /// Token classification grouping; default: the bundle's (simple for BIO tags).
     #[arg(long, value_enum)]
     aggregation: Option<Aggregation>,
-    /// Text classification: labels returned (0 = all); default 1.
+    /// Text classification: labels returned (0 = all); question answering: answers; default 1.
     #[arg(long)]
     top_k: Option<usize>,
     /// Text classification: softmax, sigmoid or none; default from the bundle's problem_type.
     #[arg(long, value_enum)]
     function_to_apply: Option<ScoreFunction>,
-    /// Tokens per window (default: the model's maximum).
+    /// Tokens per window (default: the model's maximum; QA: min(maximum, 384)).
     #[arg(long)]
     window: Option<usize>,
-    /// Tokens shared by neighbouring windows.
+    /// Tokens shared by neighbouring windows (QA: the pipeline's doc_stride).
     #[arg(long)]
     stride: Option<usize>,
     /// Windows one text may need before it is refused as `text_too_long`.
     #[arg(long)]
     max_windows: Option<usize>,
+    /// Question answering: longest answer in tokens (default 15).
+    #[arg(long)]
+    max_answer_len: Option<usize>,
+    /// Question answering: also offer the empty answer, scored by [CLS].
+    #[arg(long)]
+    handle_impossible_answer: bool,
 }
 
 impl ModelArgs {
@@ -103,6 +111,8 @@ impl ModelArgs {
             window: self.window,
             stride: self.stride,
             max_windows: self.max_windows,
+            max_answer_len: self.max_answer_len,
+            handle_impossible_answer: Some(self.handle_impossible_answer),
         };
         Ok(Annotator::new(bundle, &options)?)
     }
@@ -122,7 +132,14 @@ fn main() -> anyhow::Result<()> {
             model,
             format,
             max_bytes,
-        } => annotate(&model.load()?, format, max_bytes),
+        } => {
+            let annotator = model.load()?;
+            let format = format.unwrap_or(match annotator.task() {
+                Task::QuestionAnswering => PayloadFormat::Json,
+                _ => PayloadFormat::Text,
+            });
+            annotate(&annotator, format, max_bytes)
+        }
         Command::Eval {
             model,
             data,
@@ -190,7 +207,7 @@ fn annotate(annotator: &Annotator, format: PayloadFormat, max_bytes: usize) -> a
         if line.last() == Some(&b'\n') {
             line.pop();
         }
-        let json = match message::parse(&line, format, max_bytes) {
+        let json = match message::parse(&line, format, annotator.task(), max_bytes) {
             Err((id, error)) => {
                 serde_json::to_string(&ErrorEnvelope::new(&bundle.name, id.as_ref(), &error))?
             }

@@ -5,6 +5,7 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::bundle::Task;
 use crate::error::{Error, Result};
 use crate::tasks::{Annotation, Output, Timings};
 
@@ -14,10 +15,13 @@ use crate::tasks::{Annotation, Output, Timings};
 pub enum PayloadFormat {
     /// The payload is the text itself.
     Text,
-    /// `{"id": …, "text": …, "text_pair": …}`; other fields are echoed under `meta`.
+    /// `{"id": …, "text": …, "text_pair": …}`, or `{"id": …, "question": …,
+    /// "context": …}` for question answering; other fields are echoed under `meta`.
     Json,
 }
 
+/// One input. For question answering `text` is the question and `text_pair` the
+/// context: the order in which the model reads them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
     pub id: Option<Value>,
@@ -31,6 +35,7 @@ pub struct Request {
 pub fn parse(
     payload: &[u8],
     format: PayloadFormat,
+    task: Task,
     max_bytes: usize,
 ) -> Result<Request, (Option<Value>, Error)> {
     if payload.len() > max_bytes {
@@ -51,6 +56,12 @@ pub fn parse(
         )
     })?;
     match format {
+        PayloadFormat::Text if task == Task::QuestionAnswering => Err((
+            None,
+            Error::InvalidRequest(
+                "question answering reads JSON payloads {\"question\", \"context\"}".into(),
+            ),
+        )),
         PayloadFormat::Text => {
             let text = text.strip_suffix('\n').unwrap_or(text);
             let text = text.strip_suffix('\r').unwrap_or(text);
@@ -64,11 +75,11 @@ pub fn parse(
                 meta: Map::new(),
             })
         }
-        PayloadFormat::Json => parse_json(text),
+        PayloadFormat::Json => parse_json(text, task),
     }
 }
 
-fn parse_json(text: &str) -> Result<Request, (Option<Value>, Error)> {
+fn parse_json(text: &str, task: Task) -> Result<Request, (Option<Value>, Error)> {
     let value: Value =
         serde_json::from_str(text).map_err(|e| (None, Error::InvalidJson(e.to_string())))?;
     let Value::Object(mut object) = value else {
@@ -84,6 +95,21 @@ fn parse_json(text: &str) -> Result<Request, (Option<Value>, Error)> {
         }
     }
     let fail = |e: Error| (id.clone(), e);
+    if task == Task::QuestionAnswering {
+        let mut field = |field: &'static str| match object.remove(field) {
+            Some(Value::String(s)) if s.trim().is_empty() => Err(fail(Error::EmptyField { field })),
+            Some(Value::String(s)) => Ok(s),
+            _ => Err(fail(Error::MissingField { field })),
+        };
+        let question = field("question")?;
+        let context = field("context")?;
+        return Ok(Request {
+            id,
+            text: question,
+            text_pair: Some(context),
+            meta: object,
+        });
+    }
     let text = match object.remove("text") {
         Some(Value::String(s)) => s,
         _ => return Err(fail(Error::MissingField { field: "text" })),
@@ -186,36 +212,107 @@ mod tests {
     #[test]
     fn bad_payloads_get_their_codes() {
         assert_eq!(
-            code(parse(b"\xff\xfe", PayloadFormat::Text, 100)),
+            code(parse(
+                b"\xff\xfe",
+                PayloadFormat::Text,
+                Task::TextClassification,
+                100
+            )),
             "invalid_utf8"
         );
         assert_eq!(
-            code(parse(b"   \n", PayloadFormat::Text, 100)),
+            code(parse(
+                b"   \n",
+                PayloadFormat::Text,
+                Task::TextClassification,
+                100
+            )),
             "empty_text"
         );
         assert_eq!(
-            code(parse(&[b'a'; 101], PayloadFormat::Text, 100)),
+            code(parse(
+                &[b'a'; 101],
+                PayloadFormat::Text,
+                Task::TextClassification,
+                100
+            )),
             "payload_too_large"
         );
         assert_eq!(
-            code(parse(b"{\"text\": ", PayloadFormat::Json, 100)),
+            code(parse(
+                b"{\"text\": ",
+                PayloadFormat::Json,
+                Task::TextClassification,
+                100
+            )),
             "invalid_json"
         );
         assert_eq!(
-            code(parse(b"[1]", PayloadFormat::Json, 100)),
+            code(parse(
+                b"[1]",
+                PayloadFormat::Json,
+                Task::TextClassification,
+                100
+            )),
             "invalid_json"
         );
         assert_eq!(
-            code(parse(b"{\"id\": 1}", PayloadFormat::Json, 100)),
+            code(parse(
+                b"{\"id\": 1}",
+                PayloadFormat::Json,
+                Task::TextClassification,
+                100
+            )),
             "missing_text"
         );
         assert_eq!(
-            code(parse(b"{\"text\": 3}", PayloadFormat::Json, 100)),
+            code(parse(
+                b"{\"text\": 3}",
+                PayloadFormat::Json,
+                Task::TextClassification,
+                100
+            )),
             "missing_text"
         );
         assert_eq!(
-            code(parse(b"{\"text\": \" \"}", PayloadFormat::Json, 100)),
+            code(parse(
+                b"{\"text\": \" \"}",
+                PayloadFormat::Json,
+                Task::TextClassification,
+                100
+            )),
             "empty_text"
+        );
+    }
+
+    #[test]
+    fn question_answering_reads_question_and_context() {
+        let qa = |p: &[u8]| parse(p, PayloadFormat::Json, Task::QuestionAnswering, 1000);
+        let r = qa(r#"{"id": 4, "question": "¿Dónde?", "context": "En Lima.", "x": 1}"#.as_bytes())
+            .unwrap();
+        assert_eq!(
+            (r.text.as_str(), r.text_pair.as_deref()),
+            ("¿Dónde?", Some("En Lima."))
+        );
+        assert_eq!(r.meta.get("x"), Some(&Value::from(1)));
+        let (id, e) = qa(r#"{"id": 4, "question": "¿Dónde?"}"#.as_bytes()).unwrap_err();
+        assert_eq!(
+            (id, e.code(), e.to_string().contains("context")),
+            (Some(Value::from(4)), "missing_field", true)
+        );
+        assert_eq!(
+            code(qa(br#"{"question": " ", "context": "x"}"#)),
+            "empty_text"
+        );
+        assert_eq!(code(qa(br#"{"text": "hola"}"#)), "missing_field");
+        assert_eq!(
+            code(parse(
+                b"hola",
+                PayloadFormat::Text,
+                Task::QuestionAnswering,
+                100
+            )),
+            "invalid_request"
         );
     }
 
@@ -224,13 +321,20 @@ mod tests {
         let r = parse(
             br#"{"id": "a1", "text": "Hola", "sensor": 7}"#,
             PayloadFormat::Json,
+            Task::TextClassification,
             100,
         )
         .unwrap();
         assert_eq!(r.id, Some(Value::from("a1")));
         assert_eq!(r.text, "Hola");
         assert_eq!(r.meta.get("sensor"), Some(&Value::from(7)));
-        let (id, err) = parse(br#"{"id": 9, "text": ""}"#, PayloadFormat::Json, 100).unwrap_err();
+        let (id, err) = parse(
+            br#"{"id": 9, "text": ""}"#,
+            PayloadFormat::Json,
+            Task::TextClassification,
+            100,
+        )
+        .unwrap_err();
         assert_eq!((id, err.code()), (Some(Value::from(9)), "empty_text"));
     }
 }

@@ -11,6 +11,9 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
+const QUESTION: &str = "¿Dónde nació García Márquez?";
+const CONTEXT: &str = "García Márquez nació en Colombia en 1927 y murió en México.";
+
 #[test]
 fn every_input_gets_exactly_one_result_or_error() {
     let broker = start_broker();
@@ -39,6 +42,11 @@ fn every_input_gets_exactly_one_result_or_error() {
         format!(r#"{{"id": "long", "text": "{long}"}}"#),
     );
     device.publish("in/cls", "Llueve mucho en Santiago.");
+    device.publish(
+        "in/qa",
+        format!(r#"{{"id": "qa-1", "question": "{QUESTION}", "context": "{CONTEXT}"}}"#),
+    );
+    device.publish("in/qa", r#"{"id": "qa-2", "question": "¿Dónde?"}"#);
     // Nothing in a payload chooses the output topic.
     device.publish(
         "in/ner/dev7",
@@ -50,7 +58,7 @@ fn every_input_gets_exactly_one_result_or_error() {
             .filter(|(t, _)| t.starts_with("out/") || t.starts_with("err/"))
             .count()
     };
-    let got = device.collect(Duration::from_secs(30), |g| outcomes(g) >= 9);
+    let got = device.collect(Duration::from_secs(30), |g| outcomes(g) >= 11);
     std::thread::sleep(Duration::from_millis(500));
     let mut got: Vec<(String, Value)> = got
         .into_iter()
@@ -61,7 +69,7 @@ fn every_input_gets_exactly_one_result_or_error() {
             got.push((t, serde_json::from_slice(&p).unwrap()));
         }
     }
-    assert_eq!(got.len(), 9, "exactly one outcome per input: {got:#?}");
+    assert_eq!(got.len(), 11, "exactly one outcome per input: {got:#?}");
     let steered = got
         .iter()
         .find(|(_, v)| v["id"] == "+/#/../$SYS")
@@ -126,6 +134,41 @@ fn every_input_gets_exactly_one_result_or_error() {
         "top_k = 0 returns every label"
     );
 
+    // A QA route answers as the library does (top_k = 2: a list), and a payload
+    // without a context goes to its error topic.
+    let qa = got
+        .iter()
+        .find(|(_, v)| v["id"] == "qa-1")
+        .expect("QA result");
+    assert_eq!(qa.0, "out/qa");
+    assert_eq!(qa.1["task"], "question-answering");
+    let bundle = std::sync::Arc::new(anotador::Bundle::load(fixture("bert-qa")).unwrap());
+    let options = anotador::TaskOptions {
+        top_k: Some(2),
+        ..Default::default()
+    };
+    let annotator = anotador::Annotator::new(bundle.clone(), &options).unwrap();
+    let mut state = bundle.engine.state().unwrap();
+    let expected = annotator
+        .annotate(&mut state, QUESTION, Some(CONTEXT))
+        .unwrap()
+        .result;
+    assert_eq!(qa.1["result"], serde_json::to_value(&expected).unwrap());
+    for answer in qa.1["result"].as_array().unwrap() {
+        let (s, e) = (
+            answer["start"].as_u64().unwrap() as usize,
+            answer["end"].as_u64().unwrap() as usize,
+        );
+        let slice: String = CONTEXT.chars().skip(s).take(e - s).collect();
+        assert_eq!(answer["answer"], slice.as_str());
+    }
+    let qa2 = got
+        .iter()
+        .find(|(_, v)| v["id"] == "qa-2")
+        .expect("QA error");
+    assert_eq!(qa2.0, "err/qa");
+    assert_eq!(qa2.1["error"]["code"], "missing_field");
+
     // Stats arrive with counters that add up.
     let stats = device.collect(Duration::from_secs(5), |g| {
         g.iter().any(|(t, _)| t == "anotador/t/stats")
@@ -135,8 +178,8 @@ fn every_input_gets_exactly_one_result_or_error() {
         .find(|(t, _)| t == "anotador/t/stats")
         .expect("stats")
         .1;
-    assert_eq!(s["received"], 9);
-    assert_eq!(s["published"], 9);
+    assert_eq!(s["received"], 11);
+    assert_eq!(s["published"], 11);
     assert!(s["rss_bytes"].as_u64().unwrap() > 0);
 
     // No message text at info level.
@@ -244,6 +287,16 @@ fn check_rejects_bad_configs_naming_the_key() {
     let (ok, out) = run(&base.replace(&fixture("bert-seq"), &fixture("broken/bad-labels")));
     assert!(
         !ok && out.contains("config.json") && out.contains("labels"),
+        "{out}"
+    );
+
+    // A QA model cannot be fed plain-text payloads.
+    let (ok, out) = run(&base.replace(
+        "errors = \"err/qa\"",
+        "errors = \"err/qa\"\nformat = \"text\"",
+    ));
+    assert!(
+        !ok && out.contains("routes[2]") && out.contains("question"),
         "{out}"
     );
 

@@ -108,6 +108,7 @@ fn options(case: &Case) -> TaskOptions {
         window: case.window,
         stride: case.stride,
         max_windows: Some(64),
+        ..TaskOptions::default()
     }
 }
 
@@ -228,7 +229,7 @@ fn postprocessing_reproduces_pipeline_from_fp32_logits() {
                 .unwrap();
             let labels = a.bundle().config.labels.len();
             let logits = logits_from(&l.torch_fp32, labels, per_token);
-            let out = a.postprocess(&case.text, &windows, &logits);
+            let out = a.postprocess(&case.text, case.text_pair.as_deref(), &windows, &logits);
             if let Err(e) = compare(&case.text, &out, &case.expected, 1e-5) {
                 panic!("{name} {:?} {:?}: {e}", case.params, case.text);
             }
@@ -269,7 +270,7 @@ fn windows_and_their_merge_reproduce_pipeline_from_fp32_logits() {
                     labels,
                     values,
                 };
-                let out = a.postprocess(&w.text, &windows, &logits);
+                let out = a.postprocess(&w.text, None, &windows, &logits);
                 if let Err(e) = compare(&w.text, &out, &case.expected, 1e-5) {
                     panic!("{name} {:?} windows: {e}", case.params);
                 }

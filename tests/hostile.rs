@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use anotador::bundle::Task;
 use anotador::message::{self, PayloadFormat};
 use anotador::tasks::{Output, TaskOptions};
 use anotador::{Annotator, Bundle};
@@ -144,7 +145,7 @@ fn random_and_adversarial_texts_never_panic_and_keep_offsets_exact() {
 fn pathological_payloads_get_structured_errors() {
     let max = 1 << 20;
     let code = |payload: &[u8], format| {
-        message::parse(payload, format, max)
+        message::parse(payload, format, Task::TokenClassification, max)
             .err()
             .map(|(_, e)| e.code())
     };

@@ -44,6 +44,9 @@ pub enum OutputKind {
     PerToken,
     /// `[batch, labels]`: sequence classification.
     PerSequence,
+    /// `start_logits` and `end_logits`, each `[batch, sequence]`: extractive QA.
+    /// Returned as `[batch, sequence, 2]` (start, end).
+    Span,
 }
 
 /// A padded batch of windows, row-major `[rows, seq_len]`.
@@ -157,6 +160,10 @@ impl Engine {
         if graph.output.is_empty() {
             return Err(bad("the graph has no output".into()));
         }
+        // A QA head is recognised by its two named outputs; any other graph's first
+        // output is its logits.
+        let output_ix = |name: &str| graph.output.iter().position(|o| o.name == name);
+        let span_outputs = output_ix("start_logits").zip(output_ix("end_logits"));
 
         let rewrites = rewrite::rewrite(graph, which);
         log::info!(
@@ -183,10 +190,17 @@ impl Engine {
                 )
                 .map_err(|e| bad(format!("cannot set input shape: {e:#}")))?;
         }
-        // Only the first output (logits) is wanted; hidden states would be computed for nothing.
-        let first = model.output_outlets().map_err(|e| bad(e.to_string()))?[0];
+        // Only the logits are wanted; hidden states would be computed for nothing.
+        let outlets = model
+            .output_outlets()
+            .map_err(|e| bad(e.to_string()))?
+            .to_vec();
+        let wanted = match span_outputs {
+            Some((start, end)) => vec![outlets[start], outlets[end]],
+            None => vec![outlets[0]],
+        };
         model
-            .select_output_outlets(&[first])
+            .select_output_outlets(&wanted)
             .map_err(|e| bad(e.to_string()))?;
 
         let typed = model.into_optimized().map_err(|e| {
@@ -199,14 +213,17 @@ impl Engine {
             .map_err(|e| bad(e.to_string()))?
             .clone();
         let dims = fact.shape.dims();
-        let (output, labels) = match dims.len() {
-            3 => (OutputKind::PerToken, dims[2].to_i64().ok()),
-            2 => (OutputKind::PerSequence, dims[1].to_i64().ok()),
+        let (output, labels) = match (span_outputs, dims.len()) {
+            // [batch, sequence] each: the sequence axis is symbolic, not a label count.
+            (Some(_), 2) if dims[1].to_i64().is_err() => (OutputKind::Span, Some(2)),
+            (Some(_), _) => (OutputKind::Span, None),
+            (None, 3) => (OutputKind::PerToken, dims[2].to_i64().ok()),
+            (None, 2) => (OutputKind::PerSequence, dims[1].to_i64().ok()),
             _ => (OutputKind::PerToken, None),
         };
         let labels = labels.filter(|&l| l > 0).ok_or_else(|| {
             bad(format!(
-                "output shape {:?} is not [batch, (sequence,) labels]",
+                "output shape {:?} is not [batch, (sequence,) labels] (or [batch, sequence] start/end logits)",
                 fact.shape
             ))
         })? as usize;
@@ -281,12 +298,16 @@ impl EngineState {
             .state
             .run(inputs)
             .map_err(|e| Error::Inference(format!("{e:#}")))?;
+        if self.info.output == OutputKind::Span {
+            return span_logits(&outputs, batch);
+        }
         let logits = outputs[0]
             .to_plain_array_view::<f32>()
             .map_err(|e| Error::Inference(e.to_string()))?;
         let expected: Vec<usize> = match self.info.output {
             OutputKind::PerToken => vec![batch.rows, batch.seq_len, self.info.labels],
             OutputKind::PerSequence => vec![batch.rows, self.info.labels],
+            OutputKind::Span => unreachable!("handled above"),
         };
         if logits.shape() != expected.as_slice() {
             return Err(Error::Inference(format!(
@@ -306,4 +327,34 @@ impl EngineState {
             values: logits.iter().copied().collect(),
         })
     }
+}
+
+/// Start and end logits interleaved as `[rows, seq_len, 2]`, so QA windows travel
+/// through the same batching and chunking as per-token logits.
+fn span_logits(outputs: &[TValue], batch: &Batch) -> Result<Logits> {
+    let view = |ix: usize| -> Result<tract_ndarray::ArrayViewD<'_, f32>> {
+        let v = outputs[ix]
+            .to_plain_array_view::<f32>()
+            .map_err(|e| Error::Inference(e.to_string()))?;
+        if v.shape() != [batch.rows, batch.seq_len] {
+            return Err(Error::Inference(format!(
+                "span logits shape {:?}, expected {:?}",
+                v.shape(),
+                [batch.rows, batch.seq_len]
+            )));
+        }
+        Ok(v)
+    };
+    let (start, end) = (view(0)?, view(1)?);
+    let mut values = Vec::with_capacity(2 * start.len());
+    for (s, e) in start.iter().zip(end.iter()) {
+        values.push(*s);
+        values.push(*e);
+    }
+    Ok(Logits {
+        rows: batch.rows,
+        seq_len: batch.seq_len,
+        labels: 2,
+        values,
+    })
 }

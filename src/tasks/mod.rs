@@ -2,8 +2,9 @@
 //! `annotate`, `eval` and the daemon share (so the goldens that test one test all).
 //!
 //! tokenize → windows → engine → task post-processing (pure functions of logits
-//! and offsets, in `token` and `text`).
+//! and offsets, in `token`, `text` and `qa`).
 
+pub mod qa;
 pub mod text;
 pub mod token;
 pub mod windows;
@@ -16,6 +17,7 @@ use serde::Serialize;
 use crate::bundle::{Aggregation, Bundle, ScoreFunction, Task};
 use crate::engine::{EngineState, Logits};
 use crate::error::{Error, Result};
+use qa::{Answers, QaParams};
 use text::LabelScore;
 use token::{Entity, SubwordRule, TokenClassifier};
 use windows::{Window, Windower};
@@ -26,15 +28,22 @@ use windows::{Window, Windower};
 #[serde(deny_unknown_fields)]
 pub struct TaskOptions {
     pub aggregation: Option<Aggregation>,
-    /// Labels returned by text classification; 0 = all. Default 1 (the pipeline's default).
+    /// Labels returned by text classification (0 = all), answers by question
+    /// answering. Default 1 (the pipelines' default).
     pub top_k: Option<usize>,
     pub function_to_apply: Option<ScoreFunction>,
     /// Tokens per window (special tokens included); at most the model's maximum.
+    /// Question answering: the pipeline's `max_seq_len` (default min(maximum, 384)).
     pub window: Option<usize>,
-    /// Tokens shared by neighbouring windows.
+    /// Tokens shared by neighbouring windows. Question answering: the pipeline's
+    /// `doc_stride` (default min(window / 2, 128)).
     pub stride: Option<usize>,
     /// Windows one text may need before it is refused as `text_too_long`.
     pub max_windows: Option<usize>,
+    /// Question answering: longest answer in tokens (default 15).
+    pub max_answer_len: Option<usize>,
+    /// Question answering: also offer the empty answer (default false).
+    pub handle_impossible_answer: Option<bool>,
 }
 
 pub const DEFAULT_MAX_WINDOWS: usize = 16;
@@ -46,6 +55,7 @@ const WINDOWS_PER_RUN: usize = 8;
 pub enum Output {
     Entities(Vec<Entity>),
     Labels(Vec<LabelScore>),
+    Answers(Answers),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -73,19 +83,52 @@ pub struct Annotator {
     function: ScoreFunction,
     rule: SubwordRule,
     unk_id: Option<u32>,
+    qa: QaParams,
+    /// Stays answerable in QA: it carries the "no answer" score.
+    cls_id: Option<u32>,
 }
 
 impl Annotator {
     pub fn new(bundle: Arc<Bundle>, options: &TaskOptions) -> Result<Annotator> {
         let config = &bundle.config;
-        let window = options.window.unwrap_or(config.max_length);
+        let qa_task = config.task == Task::QuestionAnswering;
+        let window = options.window.unwrap_or(if qa_task {
+            config.max_length.min(384)
+        } else {
+            config.max_length
+        });
         if window > config.max_length {
             return Err(Error::InvalidRequest(format!(
                 "window {window} is larger than the model's maximum of {} tokens",
                 config.max_length
             )));
         }
-        let stride = options.stride.unwrap_or((window / 4).min(128));
+        let stride = options.stride.unwrap_or(if qa_task {
+            (window / 2).min(128)
+        } else {
+            (window / 4).min(128)
+        });
+        let qa = QaParams {
+            top_k: match options.top_k {
+                Some(0) if qa_task => {
+                    return Err(Error::InvalidRequest(
+                        "top_k must be at least 1 for question answering".into(),
+                    ))
+                }
+                Some(k) => k,
+                None => 1,
+            },
+            max_answer_len: match options.max_answer_len {
+                Some(0) => {
+                    return Err(Error::InvalidRequest(
+                        "max_answer_len must be at least 1".into(),
+                    ))
+                }
+                Some(n) => n,
+                None => QaParams::default().max_answer_len,
+            },
+            handle_impossible_answer: options.handle_impossible_answer.unwrap_or(false),
+        };
         let tokenizer = &bundle.tokenizer;
         let pad_id = config
             .pad_token_id
@@ -105,7 +148,12 @@ impl Annotator {
             config.token_type_ids,
         )?;
         let unk_id = unk_token(tokenizer).and_then(|t| tokenizer.token_to_id(&t));
+        let cls_id = ["[CLS]", "<cls>", "<s>"]
+            .iter()
+            .find_map(|t| tokenizer.token_to_id(t));
         Ok(Annotator {
+            qa,
+            cls_id,
             rule: SubwordRule::for_tokenizer(tokenizer),
             unk_id,
             aggregation: options.aggregation.unwrap_or(config.default_aggregation),
@@ -135,19 +183,34 @@ impl Annotator {
     }
 
     /// Windows of a text and their logits: the raw material of every task.
+    /// Question answering: `text` is the question, `pair` the context.
     pub fn infer(
         &self,
         state: &mut EngineState,
         text: &str,
         pair: Option<&str>,
     ) -> Result<(Vec<Window>, Logits)> {
-        let windows = self.windower.encode(text, pair)?;
+        let windows = self.encode(text, pair)?;
         let logits = self.run(state, &windows)?;
         Ok((windows, logits))
     }
 
+    fn encode(&self, text: &str, pair: Option<&str>) -> Result<Vec<Window>> {
+        match (self.task(), pair) {
+            (Task::QuestionAnswering, Some(context)) => self.windower.encode_qa(text, context),
+            (Task::QuestionAnswering, None) => Err(Error::MissingField { field: "context" }),
+            (_, pair) => self.windower.encode(text, pair),
+        }
+    }
+
     /// Task results from the logits of a text's windows: pure, no model involved.
-    pub fn postprocess(&self, text: &str, windows: &[Window], logits: &Logits) -> Output {
+    pub fn postprocess(
+        &self,
+        text: &str,
+        pair: Option<&str>,
+        windows: &[Window],
+        logits: &Logits,
+    ) -> Output {
         match self.task() {
             Task::TokenClassification => Output::Entities(
                 TokenClassifier {
@@ -166,6 +229,13 @@ impl Annotator {
                     self.top_k,
                 ))
             }
+            Task::QuestionAnswering => Output::Answers(qa::answers(
+                pair.unwrap_or_default(),
+                windows,
+                logits,
+                self.cls_id,
+                &self.qa,
+            )),
         }
     }
 
@@ -192,21 +262,33 @@ impl Annotator {
         text: &str,
         pair: Option<&str>,
     ) -> Result<Annotation> {
-        if text.trim().is_empty() {
-            return Err(Error::EmptyText);
-        }
         let task = self.task();
-        if pair.is_some() && task == Task::TokenClassification {
-            return Err(Error::InvalidRequest(
-                "text_pair is only for text classification".into(),
-            ));
+        if text.trim().is_empty() {
+            return Err(match task {
+                Task::QuestionAnswering => Error::EmptyField { field: "question" },
+                _ => Error::EmptyText,
+            });
+        }
+        match (task, pair) {
+            (Task::TokenClassification, Some(_)) => {
+                return Err(Error::InvalidRequest(
+                    "text_pair is only for text classification".into(),
+                ))
+            }
+            (Task::QuestionAnswering, None) => {
+                return Err(Error::MissingField { field: "context" })
+            }
+            (Task::QuestionAnswering, Some(c)) if c.trim().is_empty() => {
+                return Err(Error::EmptyField { field: "context" })
+            }
+            _ => {}
         }
         let t0 = Instant::now();
-        let windows = self.windower.encode(text, pair)?;
+        let windows = self.encode(text, pair)?;
         let t1 = Instant::now();
         let logits = self.run(state, &windows)?;
         let t2 = Instant::now();
-        let result = self.postprocess(text, &windows, &logits);
+        let result = self.postprocess(text, pair, &windows, &logits);
         let t3 = Instant::now();
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
         Ok(Annotation {

@@ -19,8 +19,13 @@ pub struct Window {
     pub ids: Vec<u32>,
     pub type_ids: Vec<u32>,
     pub special: Vec<bool>,
-    /// Character offsets into the first text (meaningless for special tokens).
+    /// Character offsets into the token's own text (the first, or the second of a
+    /// pair); meaningless for special tokens.
     pub offsets: Vec<(usize, usize)>,
+    /// Which text each token comes from (0 or 1; `None` for special tokens).
+    pub sequence: Vec<Option<usize>>,
+    /// The pre-tokenizer word of each token within its text.
+    pub words: Vec<Option<u32>>,
 }
 
 /// Cuts text into windows of at most `max_length` tokens (special tokens included).
@@ -123,24 +128,67 @@ impl Windower {
                     .collect::<Result<Vec<_>>>()?
             }
         };
-        let chars = CharIndex::new(text);
+        let first = CharIndex::new(text);
+        let second = pair.map(CharIndex::new);
         Ok(encodings
-            .into_iter()
-            .map(|e| Window {
-                ids: e.get_ids().to_vec(),
-                type_ids: e.get_type_ids().to_vec(),
-                special: e
-                    .get_special_tokens_mask()
-                    .iter()
-                    .map(|&m| m != 0)
-                    .collect(),
-                offsets: e
-                    .get_offsets()
-                    .iter()
-                    .map(|&(s, t)| (chars.char_at(s), chars.char_at(t)))
-                    .collect(),
-            })
+            .iter()
+            .map(|e| window(e, &first, second.as_ref()))
             .collect())
+    }
+
+    /// Windows of a question and its context, as the question-answering pipeline
+    /// makes them: `[CLS] question [SEP] context-part [SEP]`, the question whole in
+    /// every window and the context cut into parts of what is left, neighbours
+    /// sharing `stride` tokens (`truncation="only_second"` with `stride`).
+    pub fn encode_qa(&self, question: &str, context: &str) -> Result<Vec<Window>> {
+        let tokenizer_err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
+        let q = self
+            .tokenizer
+            .encode(question, false)
+            .map_err(tokenizer_err)?;
+        let mut c = self
+            .tokenizer
+            .encode(context, false)
+            .map_err(tokenizer_err)?;
+        let specials = self
+            .tokenizer
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(true));
+        let budget = self
+            .max_length
+            .checked_sub(q.len() + specials)
+            .filter(|&b| b > self.stride)
+            .ok_or_else(|| {
+                Error::InvalidRequest(format!(
+                    "the question has {} tokens: with {specials} special tokens and a doc stride of {} it leaves no room for the context in a window of {} tokens",
+                    q.len(),
+                    self.stride,
+                    self.max_length
+                ))
+            })?;
+        if c.len() > budget {
+            let needed = 1 + (c.len() - budget).div_ceil(budget - self.stride);
+            if needed > self.max_windows {
+                return Err(Error::TextTooLong {
+                    needed,
+                    window: self.max_length,
+                    limit: self.max_windows,
+                });
+            }
+            c.truncate(budget, self.stride, TruncationDirection::Right);
+        }
+        let rest = c.take_overflowing();
+        let (qi, ci) = (CharIndex::new(question), CharIndex::new(context));
+        std::iter::once(c)
+            .chain(rest)
+            .map(|part| {
+                let e = self
+                    .tokenizer
+                    .post_process(q.clone(), Some(part), true)
+                    .map_err(tokenizer_err)?;
+                Ok(window(&e, &qi, Some(&ci)))
+            })
+            .collect()
     }
 
     /// Pads windows to `seq_len` tokens (at least the longest) in one batch; the
@@ -178,6 +226,46 @@ impl Windower {
             }
         }
         batch
+    }
+}
+
+/// A window from a post-processed encoding; each token's offsets are converted
+/// to characters of its own text.
+fn window(e: &tokenizers::Encoding, first: &CharIndex, second: Option<&CharIndex>) -> Window {
+    let special = e.get_special_tokens_mask();
+    // A pair assembled from two separately encoded texts keeps the second text's
+    // stale "sequence 0" range in tokenizers 0.23, which erases the first text's:
+    // a non-special token with no sequence is from the first text.
+    let sequence: Vec<Option<usize>> = e
+        .get_sequence_ids()
+        .into_iter()
+        .zip(special)
+        .map(|(seq, &sp)| {
+            if seq.is_none() && sp == 0 {
+                Some(0)
+            } else {
+                seq
+            }
+        })
+        .collect();
+    Window {
+        ids: e.get_ids().to_vec(),
+        type_ids: e.get_type_ids().to_vec(),
+        special: special.iter().map(|&m| m != 0).collect(),
+        offsets: e
+            .get_offsets()
+            .iter()
+            .zip(&sequence)
+            .map(|(&(s, t), seq)| {
+                let chars = match (seq, second) {
+                    (Some(1), Some(second)) => second,
+                    _ => first,
+                };
+                (chars.char_at(s), chars.char_at(t))
+            })
+            .collect(),
+        words: e.get_word_ids().to_vec(),
+        sequence,
     }
 }
 

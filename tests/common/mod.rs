@@ -232,9 +232,21 @@ output = "out/cls"
 errors = "err/cls"
 [routes.options]
 top_k = 0
+
+[models.qa]
+path = "{qa}"
+
+[[routes]]
+topic = "in/qa"
+model = "qa"
+output = "out/qa"
+errors = "err/qa"
+[routes.options]
+top_k = 2
 "#,
         ner = fixture("bert-token"),
         cls = fixture("bert-seq"),
+        qa = fixture("bert-qa"),
     )
     .unwrap();
     path

@@ -6,6 +6,8 @@
 //! - CoNLL-U: UPOS accuracy.
 //! - TSV `text[<TAB>text_pair]<TAB>label`: accuracy and macro-F1 (multi-label
 //!   models: comma-separated labels, exact match and micro/macro F1).
+//! - SQuAD v1.1 JSON (XQuAD, MLQA, TAR): exact match and F1 with the official
+//!   script's normalisation, best over the gold answers (`squad` module).
 //!
 //! Word-level tasks join a sentence's words with single spaces and label each
 //! word by its first sub-token, the usual protocol for these benchmarks.
@@ -22,11 +24,14 @@ use crate::bundle::{ScoreFunction, Task};
 use crate::error::{Error, Result};
 use crate::tasks::{text, token::argmax, Annotator};
 
+pub mod squad;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DataFormat {
     Conll,
     Conllu,
     Tsv,
+    Squad,
 }
 
 impl DataFormat {
@@ -34,6 +39,7 @@ impl DataFormat {
         match path.extension().and_then(|e| e.to_str()) {
             Some("conllu") => DataFormat::Conllu,
             Some("tsv") => DataFormat::Tsv,
+            Some("json") => DataFormat::Squad,
             _ => DataFormat::Conll,
         }
     }
@@ -367,6 +373,19 @@ pub fn run(
             let mut items = read_tsv(path)?;
             items.truncate(limit.unwrap_or(usize::MAX));
             classification_report(annotator, &items, threads)?
+        }
+        DataFormat::Squad => {
+            if task != Task::QuestionAnswering {
+                return Err(Error::InvalidRequest(
+                    "SQuAD data needs a question-answering model".into(),
+                ));
+            }
+            let mut items = squad::read(path)?;
+            items.truncate(limit.unwrap_or(usize::MAX));
+            let predicted = par_map(annotator, &items, threads, |state, q| {
+                Ok(squad::predict(annotator, state, q))
+            })?;
+            squad::report(&items, &predicted)?
         }
     };
     report["model"] = json!(annotator.bundle().name);
