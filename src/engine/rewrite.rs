@@ -102,26 +102,49 @@ impl Index {
     }
 }
 
-/// Constant values: initializers and the outputs of `Constant` nodes.
-fn constants(graph: &GraphProto) -> HashMap<String, TensorProto> {
-    let mut map: HashMap<String, TensorProto> = graph
-        .initializer
-        .iter()
-        .map(|t| (t.name.clone(), t.clone()))
-        .collect();
-    for node in &graph.node {
-        if node.op_type == "Constant" {
-            if let Some(t) = node
-                .attribute
+/// Constant values (initializers and the outputs of `Constant` nodes): the shape
+/// of every one, the values of small ones only. Copying the weights here would
+/// put another full copy of the model in memory at load.
+struct Consts {
+    dims: HashMap<String, Vec<i64>>,
+    small: HashMap<String, TensorProto>,
+}
+
+/// Scales, zero points and GELU constants are scalars or one value per column.
+const SMALL: usize = 1 << 16;
+
+impl Consts {
+    fn new(graph: &GraphProto) -> Consts {
+        let mut consts = Consts {
+            dims: HashMap::new(),
+            small: HashMap::new(),
+        };
+        let named = graph.initializer.iter().map(|t| (&t.name, t)).chain(
+            graph
+                .node
                 .iter()
-                .find(|a| a.name == "value")
-                .and_then(|a| a.t.clone())
-            {
-                map.insert(node.output[0].clone(), t);
+                .filter(|n| n.op_type == "Constant" && !n.output.is_empty())
+                .filter_map(|n| {
+                    let t = n.attribute.iter().find(|a| a.name == "value")?.t.as_ref()?;
+                    Some((&n.output[0], t))
+                }),
+        );
+        for (name, t) in named {
+            consts.dims.insert(name.clone(), t.dims.clone());
+            if element_count(t) <= SMALL {
+                consts.small.insert(name.clone(), t.clone());
             }
         }
+        consts
     }
-    map
+
+    fn contains(&self, name: &str) -> bool {
+        self.dims.contains_key(name)
+    }
+
+    fn get(&self, name: &str) -> Option<&TensorProto> {
+        self.small.get(name)
+    }
 }
 
 fn element_count(t: &TensorProto) -> usize {
@@ -159,7 +182,7 @@ fn tensor_values(t: &TensorProto) -> Option<Vec<f32>> {
     (values.len() == n).then_some(values)
 }
 
-fn scalar(consts: &HashMap<String, TensorProto>, name: &str) -> Option<f32> {
+fn scalar(consts: &Consts, name: &str) -> Option<f32> {
     let t = consts.get(name)?;
     match tensor_values(t)?.as_slice() {
         [v] => Some(*v),
@@ -180,7 +203,7 @@ fn float_tensor(name: String, dims: Vec<i64>, values: &[f32]) -> TensorProto {
 /// Replaces `MatMulInteger(DynamicQuantizeLinear(x), Wq, x_zp, w_zp) → Cast(float) →
 /// Mul(·, x_scale·w_scale)` by `MatMul(x, W)` with `W = (Wq − w_zp)·w_scale`.
 fn dequantize_matmul_integer(graph: &mut GraphProto, report: &mut RewriteReport) {
-    let consts = constants(graph);
+    let consts = Consts::new(graph);
     let index = Index::new(graph);
     // (weight, zero point, scale) → name of the expanded fp32 initializer.
     let mut expanded: HashMap<(String, String, String), String> = HashMap::new();
@@ -208,7 +231,7 @@ fn dequantize_matmul_integer(graph: &mut GraphProto, report: &mut RewriteReport)
         let weight_name = match expanded.get(&key) {
             Some(name) => name.clone(),
             None => {
-                let Some(t) = dequantized_weight(&consts, &plan) else {
+                let Some(t) = dequantized_weight(graph, &consts, &plan) else {
                     log::debug!(
                         "MatMulInteger {:?} left as is: weight not readable",
                         mm.name
@@ -262,13 +285,13 @@ struct DequantPlan {
 fn match_dequant_chain(
     graph: &GraphProto,
     index: &Index,
-    consts: &HashMap<String, TensorProto>,
+    consts: &Consts,
     mm_ix: usize,
 ) -> Option<DequantPlan> {
     let mm = &graph.node[mm_ix];
     let a = mm.input.first()?;
     let weight = mm.input.get(1)?;
-    if !consts.contains_key(weight) {
+    if !consts.contains(weight) {
         return None;
     }
     let dql = &graph.node[*index.producer.get(a)?];
@@ -311,8 +334,8 @@ fn match_dequant_chain(
     }
     let x_scale = dql.output.get(1)?;
     let weight_scale = match (&scale_mul.input[0], &scale_mul.input[1]) {
-        (l, r) if l == x_scale && consts.contains_key(r) => r.clone(),
-        (l, r) if r == x_scale && consts.contains_key(l) => l.clone(),
+        (l, r) if l == x_scale && consts.contains(r) => r.clone(),
+        (l, r) if r == x_scale && consts.contains(l) => l.clone(),
         _ => return None,
     };
     Some(DequantPlan {
@@ -329,15 +352,22 @@ fn match_dequant_chain(
 /// `(Wq − zp)·scale` for a `[K, N]` weight; zero point and scale are scalars or
 /// per output column (`[N]`), the two layouts onnxruntime's quantizer writes.
 fn dequantized_weight(
-    consts: &HashMap<String, TensorProto>,
+    graph: &GraphProto,
+    consts: &Consts,
     plan: &DequantPlan,
 ) -> Option<TensorProto> {
-    let w = consts.get(&plan.weight)?;
+    // Weights are read where they are, never copied: see `Consts`.
+    let w = graph
+        .initializer
+        .iter()
+        .find(|t| t.name == plan.weight)
+        .or_else(|| consts.get(&plan.weight))?;
     if w.dims.len() != 2 {
         return None;
     }
     let n = w.dims[1] as usize;
     let q = tensor_values(w)?;
+    // The int8 values as f32 are a transient copy of one weight at a time.
     let zp = match &plan.weight_zp {
         Some(name) => tensor_values(consts.get(name)?)?,
         None => vec![0.0],
@@ -371,7 +401,7 @@ fn dequantized_weight(
 /// Finds `Mul(Mul(x, 0.5), Add(1, Tanh(Mul(Add(x, Mul(Pow(x, 3), 0.044715)), √(2/π)))))`
 /// in any operand order and replaces the outer `Mul` by `Gelu(x, approximate="tanh")`.
 fn fuse_tanh_gelu(graph: &mut GraphProto, report: &mut RewriteReport) {
-    let consts = constants(graph);
+    let consts = Consts::new(graph);
     let index = Index::new(graph);
     let node_of = |value: &str| index.producer.get(value).map(|&i| &graph.node[i]);
     let is_const = |value: &str, expected: f32| {
