@@ -239,12 +239,21 @@ impl Annotator {
         }
     }
 
-    fn run(&self, state: &mut EngineState, windows: &[Window]) -> Result<Logits> {
-        // Every chunk is padded to the longest window, so chunks concatenate as rows.
+    /// The model inputs of a text's windows: chunks of at most `WINDOWS_PER_RUN`,
+    /// every one padded to the longest window, so their logits concatenate as rows.
+    /// Public so that benchmarks can feed other engines exactly the same tensors.
+    pub fn batches(&self, windows: &[Window]) -> Vec<crate::engine::Batch> {
         let seq_len = windows.iter().map(|w| w.ids.len()).max().unwrap_or(0);
+        windows
+            .chunks(WINDOWS_PER_RUN)
+            .map(|chunk| self.windower.batch(chunk, seq_len))
+            .collect()
+    }
+
+    fn run(&self, state: &mut EngineState, windows: &[Window]) -> Result<Logits> {
         let mut all: Option<Logits> = None;
-        for chunk in windows.chunks(WINDOWS_PER_RUN) {
-            let logits = state.run(&self.windower.batch(chunk, seq_len))?;
+        for batch in self.batches(windows) {
+            let logits = state.run(&batch)?;
             match &mut all {
                 None => all = Some(logits),
                 Some(acc) => {

@@ -1,0 +1,318 @@
+//! Side-by-side benchmark: anotador's engine, the whole daemon and onnxruntime on
+//! the same bundle, the same tensors and the same thread count, in one run.
+//!
+//!     cargo bench --bench compare -- [--model DIR]... [--ort PYTHON] [--json FILE]
+//!
+//! Per model:
+//! - engine: tract on fixed shapes (1×16, 1×64, 1×128, 8×64; real Spanish tokens,
+//!   cut from `benches/messages-es.txt`), median of repeated runs, one thread;
+//! - messages: the 40 ParlaMint paragraphs of `benches/messages-es.txt` (8–350 words)
+//!   through the whole task path (tokenize, windows, engine, post-processing);
+//! - onnxruntime (with `--ort PYTHON`, a Python with `onnxruntime` and `numpy`, e.g.
+//!   the pinned `models/requirements.txt`): the bare model on exactly the tensors
+//!   the engine ran, 1 intra-op thread, via `benches/ort_bench.py`;
+//! - daemon: the same messages over MQTT loopback (Mosquitto, as in the tests) with
+//!   1 and 2 workers, messages/s from first publish to last answer, and the daemon's
+//!   peak RSS at load and under load.
+//!
+//! Ratios are within this run only. Timings from a shared or throttled machine are
+//! noisy: compare ratios, rerun, and say which CPU (`lscpu`) gave them.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anotador::engine::{Batch, EngineState};
+use anotador::{Annotator, Bundle, TaskOptions};
+use common::*;
+use serde_json::{json, Value};
+
+const SHAPES: [(usize, usize); 4] = [(1, 16), (1, 64), (1, 128), (8, 64)];
+/// Repetitions per shape stop after this long (and at least `MIN_REPS` runs).
+const SHAPE_BUDGET: Duration = Duration::from_secs(3);
+const MIN_REPS: usize = 5;
+const MESSAGE_PASSES: usize = 3;
+/// Messages published to the daemon: the 40 paragraphs, this many times.
+const DAEMON_ROUNDS: usize = 3;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str| -> Vec<String> {
+        args.windows(2)
+            .filter(|w| w[0] == name)
+            .map(|w| w[1].clone())
+            .collect()
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut models: Vec<PathBuf> = flag("--model").into_iter().map(PathBuf::from).collect();
+    if models.is_empty() {
+        models.push(root.join("models/ner-es"));
+    }
+    let ort = flag("--ort").pop();
+    let json_out = flag("--json").pop();
+    let messages: Vec<String> = std::fs::read_to_string(root.join("benches/messages-es.txt"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+
+    println!("CPU: {}", cpu_name());
+    let mut report = Vec::new();
+    for model in &models {
+        let model = std::fs::canonicalize(model).unwrap();
+        println!("\n## {}", model.display());
+        report.push(bench_model(&model, &messages, ort.as_deref()));
+    }
+    if let Some(path) = json_out {
+        std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+        println!("\nwrote {path}");
+    }
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time_run(state: &mut EngineState, batch: &Batch) -> f64 {
+    let t = Instant::now();
+    state.run(batch).unwrap();
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn batch_json(b: &Batch) -> Value {
+    let rows = |v: &[i64]| -> Vec<Vec<i64>> { v.chunks(b.seq_len).map(<[i64]>::to_vec).collect() };
+    json!({
+        "input_ids": rows(&b.input_ids),
+        "attention_mask": rows(&b.attention_mask),
+        "token_type_ids": rows(&b.token_type_ids),
+    })
+}
+
+fn bench_model(model: &Path, messages: &[String], ort: Option<&str>) -> Value {
+    let bundle = Arc::new(Bundle::load(model).unwrap());
+    let max = bundle.config.max_length;
+    let mut state = bundle.engine.state().unwrap();
+    // Real tokens for the fixed shapes: windows of the longest paragraphs.
+    let long = messages.iter().max_by_key(|m| m.len()).unwrap().repeat(4);
+
+    let mut shapes = Vec::new();
+    for (rows, seq) in SHAPES {
+        if seq > max {
+            continue;
+        }
+        let options = TaskOptions {
+            window: Some(seq),
+            stride: Some(seq / 4),
+            max_windows: Some(1000),
+            ..TaskOptions::default()
+        };
+        let annotator = Annotator::new(bundle.clone(), &options).unwrap();
+        let windows = annotator.windower().encode(&long, None).unwrap();
+        assert!(windows.len() > rows, "text too short for {rows}x{seq}");
+        let batch = annotator.windower().batch(&windows[..rows], seq);
+        for _ in 0..2 {
+            time_run(&mut state, &batch);
+        }
+        let started = Instant::now();
+        let mut times = Vec::new();
+        while times.len() < MIN_REPS || started.elapsed() < SHAPE_BUDGET {
+            times.push(time_run(&mut state, &batch));
+        }
+        shapes.push((format!("{rows}x{seq}"), batch, median(times)));
+    }
+
+    // Messages through the whole task path, and the exact tensors that path ran.
+    let annotator = Annotator::new(bundle.clone(), &TaskOptions::default()).unwrap();
+    let mut per_message = vec![Vec::new(); messages.len()];
+    let mut message_batches = Vec::new();
+    for m in messages {
+        let windows = annotator.windower().encode(m, None).unwrap();
+        message_batches.push(annotator.batches(&windows));
+        annotator.annotate(&mut state, m, None).unwrap(); // warm-up
+    }
+    let mut pass_totals = Vec::new();
+    for _ in 0..MESSAGE_PASSES {
+        let started = Instant::now();
+        for (i, m) in messages.iter().enumerate() {
+            let t = Instant::now();
+            annotator.annotate(&mut state, m, None).unwrap();
+            per_message[i].push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        pass_totals.push(started.elapsed().as_secs_f64());
+    }
+    let engine_msgs_per_s = messages.len() as f64 / median(pass_totals);
+    let message_ms: Vec<f64> = per_message.into_iter().map(median).collect();
+    let windows_total: usize = message_batches
+        .iter()
+        .map(|bs| bs.iter().map(|b| b.rows).sum::<usize>())
+        .sum();
+
+    // onnxruntime on the same tensors.
+    let ort_result = ort.map(|python| {
+        let dir = TempDir::new("ort");
+        let spec = dir.0.join("inputs.json");
+        let spec_json = json!({
+            "model": model.join("model.onnx"),
+            "threads": 1,
+            "shape_budget_s": SHAPE_BUDGET.as_secs_f64(),
+            "min_reps": MIN_REPS,
+            "passes": MESSAGE_PASSES,
+            "shapes": shapes.iter().map(|(name, b, _)| json!({"name": name, "batch": batch_json(b)})).collect::<Vec<_>>(),
+            "messages": message_batches.iter().map(|bs| bs.iter().map(batch_json).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        });
+        std::fs::write(&spec, spec_json.to_string()).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/ort_bench.py");
+        let out = std::process::Command::new(python)
+            .arg(&script)
+            .arg(&spec)
+            .output()
+            .expect("run the onnxruntime script");
+        assert!(
+            out.status.success(),
+            "ort_bench.py: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    });
+
+    let daemon1 = daemon_throughput(model, messages, 1);
+    let daemon2 = daemon_throughput(model, messages, 2);
+
+    // The table.
+    println!("| input | anotador engine ms | onnxruntime ms | ratio (anotador / ort) |");
+    println!("|---|---|---|---|");
+    let mut shape_rows = Vec::new();
+    for (name, _, ms) in &shapes {
+        let o = ort_result
+            .as_ref()
+            .and_then(|r| r["shapes"][name.as_str()].as_f64());
+        println!(
+            "| {name} | {ms:.2} | {} | {} |",
+            o.map_or("–".into(), |o| format!("{o:.2}")),
+            o.map_or("–".into(), |o| format!("{:.2}", ms / o))
+        );
+        shape_rows.push(json!({"shape": name, "anotador_ms": ms, "ort_ms": o}));
+    }
+    let ort_msgs = ort_result
+        .as_ref()
+        .and_then(|r| r["messages_per_s"].as_f64());
+    println!(
+        "| 40 messages (8–350 words, {windows_total} windows), msg/s | {engine_msgs_per_s:.1} (whole task path) | {} (bare model) | {} |",
+        ort_msgs.map_or("–".into(), |o| format!("{o:.1}")),
+        ort_msgs.map_or("–".into(), |o| format!("{:.2}", o / engine_msgs_per_s))
+    );
+    println!(
+        "daemon over MQTT, 1 worker: {:.1} msg/s = {:.2} × engine-only; 2 workers: {:.1} msg/s = {:.2} × 1 worker",
+        daemon1.msgs_per_s,
+        daemon1.msgs_per_s / engine_msgs_per_s,
+        daemon2.msgs_per_s,
+        daemon2.msgs_per_s / daemon1.msgs_per_s
+    );
+    println!(
+        "daemon peak RSS: at load {:.1} MiB, under load {:.1} MiB (1 worker); {:.1} / {:.1} MiB (2 workers)",
+        daemon1.load_peak_mib, daemon1.run_peak_mib, daemon2.load_peak_mib, daemon2.run_peak_mib
+    );
+    json!({
+        "model": model,
+        "cpu": cpu_name(),
+        "shapes": shape_rows,
+        "messages": messages.len(),
+        "windows": windows_total,
+        "engine_messages_per_s": engine_msgs_per_s,
+        "message_ms_median": median(message_ms),
+        "ort": ort_result,
+        "daemon_1_worker": daemon1.json(),
+        "daemon_2_workers": daemon2.json(),
+    })
+}
+
+struct DaemonRun {
+    msgs_per_s: f64,
+    load_peak_mib: f64,
+    run_peak_mib: f64,
+}
+
+impl DaemonRun {
+    fn json(&self) -> Value {
+        json!({"messages_per_s": self.msgs_per_s, "peak_rss_load_mib": self.load_peak_mib, "peak_rss_run_mib": self.run_peak_mib})
+    }
+}
+
+fn daemon_throughput(model: &Path, messages: &[String], workers: usize) -> DaemonRun {
+    let total = messages.len() * DAEMON_ROUNDS;
+    let broker = start_broker_with(&format!("max_queued_messages {}\n", total * 2));
+    let dir = TempDir::new("compare");
+    let config = dir.0.join("compare.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[daemon]
+name = "t"
+stats_interval_s = 3600
+queue = 32
+max_payload_bytes = 65536
+[broker]
+port = {port}
+client_id = "bench"
+[models.m]
+path = "{model}"
+workers = {workers}
+[[routes]]
+topic = "in/+"
+model = "m"
+output = "out/{{1}}"
+errors = "err/{{1}}"
+"#,
+            port = broker.port,
+            model = model.display()
+        ),
+    )
+    .unwrap();
+    let device = Device::connect(broker.port, "bench-device");
+    std::thread::sleep(Duration::from_millis(300));
+    let daemon = Daemon::start(&config);
+    let pid = daemon.0.id();
+    wait_online(&device);
+    let (_, load_hwm) = rss_of(pid).unwrap();
+    let started = Instant::now();
+    for i in 0..total {
+        let text = serde_json::to_string(&messages[i % messages.len()]).unwrap();
+        device.publish("in/bench", format!(r#"{{"id": {i}, "text": {text}}}"#));
+    }
+    let mut answered = 0;
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while answered < total && Instant::now() < deadline {
+        if let Ok((topic, _, _)) = device.rx.recv_timeout(Duration::from_millis(200)) {
+            if topic.starts_with("out/") {
+                answered += 1;
+            }
+            assert!(!topic.starts_with("err/"), "error outcome on {topic}");
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    assert_eq!(answered, total, "every message answered");
+    let (_, run_hwm) = rss_of(pid).unwrap();
+    let mib = |b: u64| b as f64 / 1048576.0;
+    DaemonRun {
+        msgs_per_s: total as f64 / elapsed,
+        load_peak_mib: mib(load_hwm),
+        run_peak_mib: mib(run_hwm),
+    }
+}
