@@ -1,7 +1,8 @@
 //! Side-by-side benchmark: anotador's engine, the whole daemon and onnxruntime on
 //! the same bundle, the same tensors and the same thread count, in one run.
 //!
-//!     cargo bench --bench compare -- [--model DIR]... [--ort PYTHON] [--json FILE]
+//!     cargo bench --bench compare -- [--model DIR]... [--ort PYTHON] [--max-batch N]
+//!         [--messages FILE] [--json FILE]
 //!
 //! Per model:
 //! - engine: tract on fixed shapes (1×16, 1×64, 1×128, 8×64; real Spanish tokens,
@@ -26,11 +27,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anotador::engine::{Batch, EngineState};
+use anotador::tasks::batch::{annotate_batch, Item};
 use anotador::{Annotator, Bundle, TaskOptions};
 use common::*;
 use serde_json::{json, Value};
 
-const SHAPES: [(usize, usize); 4] = [(1, 16), (1, 64), (1, 128), (8, 64)];
+const SHAPES: [(usize, usize); 5] = [(1, 16), (8, 16), (1, 64), (1, 128), (8, 64)];
 /// Repetitions per shape stop after this long (and at least `MIN_REPS` runs).
 const SHAPE_BUDGET: Duration = Duration::from_secs(3);
 const MIN_REPS: usize = 5;
@@ -53,7 +55,13 @@ fn main() {
     }
     let ort = flag("--ort").pop();
     let json_out = flag("--json").pop();
-    let messages: Vec<String> = std::fs::read_to_string(root.join("benches/messages-es.txt"))
+    let max_batch: usize = flag("--max-batch")
+        .pop()
+        .map_or(8, |n| n.parse().expect("--max-batch N"));
+    let messages_file = flag("--messages")
+        .pop()
+        .map_or_else(|| root.join("benches/messages-es.txt"), PathBuf::from);
+    let messages: Vec<String> = std::fs::read_to_string(&messages_file)
         .unwrap()
         .lines()
         .map(str::to_string)
@@ -64,7 +72,7 @@ fn main() {
     for model in &models {
         let model = std::fs::canonicalize(model).unwrap();
         println!("\n## {}", model.display());
-        report.push(bench_model(&model, &messages, ort.as_deref()));
+        report.push(bench_model(&model, &messages, ort.as_deref(), max_batch));
     }
     if let Some(path) = json_out {
         std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
@@ -104,12 +112,14 @@ fn batch_json(b: &Batch) -> Value {
     })
 }
 
-fn bench_model(model: &Path, messages: &[String], ort: Option<&str>) -> Value {
+fn bench_model(model: &Path, messages: &[String], ort: Option<&str>, max_batch: usize) -> Value {
     let bundle = Arc::new(Bundle::load(model).unwrap());
     let max = bundle.config.max_length;
     let mut state = bundle.engine.state().unwrap();
     // Real tokens for the fixed shapes: windows of the longest paragraphs.
-    let long = messages.iter().max_by_key(|m| m.len()).unwrap().repeat(4);
+    let long = messages
+        .join(" ")
+        .repeat(1 + 8000 / messages.iter().map(String::len).sum::<usize>());
 
     let mut shapes = Vec::new();
     for (rows, seq) in SHAPES {
@@ -157,6 +167,27 @@ fn bench_model(model: &Path, messages: &[String], ort: Option<&str>) -> Value {
         pass_totals.push(started.elapsed().as_secs_f64());
     }
     let engine_msgs_per_s = messages.len() as f64 / median(pass_totals);
+    // The same messages as micro-batches of `max_batch` (what the daemon's workers do
+    // with a queue), through the same engine state.
+    let mut batch_totals = Vec::new();
+    for _ in 0..MESSAGE_PASSES {
+        let started = Instant::now();
+        for group in messages.chunks(max_batch) {
+            let items: Vec<Item> = group
+                .iter()
+                .map(|m| Item {
+                    annotator: &annotator,
+                    text: m,
+                    pair: None,
+                })
+                .collect();
+            for r in annotate_batch(&mut state, &items) {
+                r.unwrap();
+            }
+        }
+        batch_totals.push(started.elapsed().as_secs_f64());
+    }
+    let batched_msgs_per_s = messages.len() as f64 / median(batch_totals);
     let message_ms: Vec<f64> = per_message.into_iter().map(median).collect();
     let windows_total: usize = message_batches
         .iter()
@@ -191,8 +222,8 @@ fn bench_model(model: &Path, messages: &[String], ort: Option<&str>) -> Value {
         serde_json::from_slice::<Value>(&out.stdout).unwrap()
     });
 
-    let daemon1 = daemon_throughput(model, messages, 1);
-    let daemon2 = daemon_throughput(model, messages, 2);
+    let daemon1 = daemon_throughput(model, messages, 1, max_batch);
+    let daemon2 = daemon_throughput(model, messages, 2, max_batch);
 
     // The table.
     println!("| input | anotador engine ms | onnxruntime ms | ratio (anotador / ort) |");
@@ -213,9 +244,14 @@ fn bench_model(model: &Path, messages: &[String], ort: Option<&str>) -> Value {
         .as_ref()
         .and_then(|r| r["messages_per_s"].as_f64());
     println!(
-        "| 40 messages (8–350 words, {windows_total} windows), msg/s | {engine_msgs_per_s:.1} (whole task path) | {} (bare model) | {} |",
+        "| {} messages ({windows_total} windows), msg/s | {engine_msgs_per_s:.1} (whole task path) | {} (bare model) | {} |",
+        messages.len(),
         ort_msgs.map_or("–".into(), |o| format!("{o:.1}")),
         ort_msgs.map_or("–".into(), |o| format!("{:.2}", o / engine_msgs_per_s))
+    );
+    println!(
+        "micro-batches of {max_batch}: {batched_msgs_per_s:.1} msg/s = {:.2} × one by one",
+        batched_msgs_per_s / engine_msgs_per_s
     );
     println!(
         "daemon over MQTT, 1 worker: {:.1} msg/s = {:.2} × engine-only; 2 workers: {:.1} msg/s = {:.2} × 1 worker",
@@ -235,6 +271,8 @@ fn bench_model(model: &Path, messages: &[String], ort: Option<&str>) -> Value {
         "messages": messages.len(),
         "windows": windows_total,
         "engine_messages_per_s": engine_msgs_per_s,
+        "max_batch": max_batch,
+        "engine_batched_messages_per_s": batched_msgs_per_s,
         "message_ms_median": median(message_ms),
         "ort": ort_result,
         "daemon_1_worker": daemon1.json(),
@@ -254,7 +292,12 @@ impl DaemonRun {
     }
 }
 
-fn daemon_throughput(model: &Path, messages: &[String], workers: usize) -> DaemonRun {
+fn daemon_throughput(
+    model: &Path,
+    messages: &[String],
+    workers: usize,
+    max_batch: usize,
+) -> DaemonRun {
     let total = messages.len() * DAEMON_ROUNDS;
     let broker = start_broker_with(&format!("max_queued_messages {}\n", total * 2));
     let dir = TempDir::new("compare");
@@ -274,6 +317,7 @@ client_id = "bench"
 [models.m]
 path = "{model}"
 workers = {workers}
+max_batch = {max_batch}
 [[routes]]
 topic = "in/+"
 model = "m"

@@ -152,6 +152,14 @@ pub struct ModelConfig {
     /// Expected SHA-256 of `model.onnx` (hex, as `anotador check --model` prints it):
     /// a truncated or altered file is refused at start.
     pub sha256: Option<String>,
+    /// Queued messages a worker takes into one micro-batch (1 = one at a time, the
+    /// default: on mixed-length messages batching measured no gain, see README).
+    #[serde(default = "one")]
+    pub max_batch: usize,
+    /// How long a worker waits for more messages to fill a micro-batch; 0 = take
+    /// only what is already queued (no added latency when the daemon is idle).
+    #[serde(default)]
+    pub batch_wait_ms: u64,
 }
 
 fn one() -> usize {
@@ -266,6 +274,12 @@ impl Config {
             if model.workers == 0 {
                 return Err(bad(
                     format!("models.{name}.workers"),
+                    "must be at least 1".into(),
+                ));
+            }
+            if model.max_batch == 0 {
+                return Err(bad(
+                    format!("models.{name}.max_batch"),
                     "must be at least 1".into(),
                 ));
             }

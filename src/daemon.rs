@@ -208,6 +208,10 @@ async fn serve(
                 outcome_tx.clone(),
                 health.clone(),
                 first_worker,
+                crate::pipeline::Batching {
+                    max_batch: m.max_batch,
+                    wait: Duration::from_millis(m.batch_wait_ms),
+                },
             )?,
         );
         first_worker += m.workers;

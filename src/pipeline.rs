@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::error::Error;
 use crate::message::{ErrorEnvelope, Request, ResultEnvelope};
+use crate::tasks::batch::{annotate_batch, Item};
 use crate::tasks::Annotator;
 
 /// One accepted message on its way to a worker.
@@ -102,6 +103,13 @@ impl Health {
     }
 }
 
+/// How a worker fills a micro-batch from the model's queue.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    pub max_batch: usize,
+    pub wait: std::time::Duration,
+}
+
 /// The workers of one model: they share its queue, each owns an engine state.
 pub struct ModelWorkers<A> {
     sender: SyncSender<Job<A>>,
@@ -118,6 +126,7 @@ impl<A: Send + 'static> ModelWorkers<A> {
         outcomes: mpsc::UnboundedSender<Outcome<A>>,
         health: Arc<Health>,
         first_worker: usize,
+        batching: Batching,
     ) -> crate::Result<ModelWorkers<A>> {
         let (sender, receiver) = sync_channel::<Job<A>>(capacity);
         let receiver = Arc::new(Mutex::new(receiver));
@@ -138,7 +147,11 @@ impl<A: Send + 'static> ModelWorkers<A> {
             let slot = first_worker + i;
             let handle = std::thread::Builder::new()
                 .name(format!("{model}-{i}"))
-                .spawn(move || worker(&receiver, &routes, &mut state, &outcomes, &health, slot))
+                .spawn(move || {
+                    worker(
+                        &receiver, &routes, &mut state, &outcomes, &health, slot, batching,
+                    )
+                })
                 .map_err(Error::Io)?;
             handles.push(handle);
         }
@@ -162,6 +175,34 @@ impl<A: Send + 'static> ModelWorkers<A> {
     }
 }
 
+/// Takes one job, then whatever else is queued (up to `max_batch`, waiting at
+/// most `wait` for it), so a burst runs as micro-batches and an idle daemon answers
+/// a lone message at once.
+fn next_jobs<A>(receiver: &Mutex<Receiver<Job<A>>>, batching: Batching) -> Option<Vec<Job<A>>> {
+    let guard = receiver.lock().unwrap_or_else(|p| p.into_inner());
+    let mut jobs = vec![guard.recv().ok()?];
+    let deadline = Instant::now() + batching.wait;
+    while jobs.len() < batching.max_batch {
+        let next = match guard.try_recv() {
+            Ok(job) => Some(job),
+            Err(std::sync::mpsc::TryRecvError::Empty) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    None
+                } else {
+                    guard.recv_timeout(left).ok()
+                }
+            }
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+        };
+        match next {
+            Some(job) => jobs.push(job),
+            None => break,
+        }
+    }
+    Some(jobs)
+}
+
 fn worker<A>(
     receiver: &Mutex<Receiver<Job<A>>>,
     routes: &[Option<Annotator>],
@@ -169,23 +210,31 @@ fn worker<A>(
     outcomes: &mpsc::UnboundedSender<Outcome<A>>,
     health: &Health,
     slot: usize,
+    batching: Batching,
 ) {
-    loop {
-        let job = {
-            let guard = receiver.lock().unwrap_or_else(|p| p.into_inner());
-            match guard.recv() {
-                Ok(job) => job,
-                Err(_) => return,
-            }
-        };
+    while let Some(jobs) = next_jobs(receiver, batching) {
         health.busy(slot);
-        let annotator = routes[job.route]
-            .as_ref()
-            .expect("jobs are routed to their model's workers");
-        let model = &annotator.bundle().name;
-        let request = &job.request;
-        let (topic, payload, error) =
-            match annotator.annotate(state, &request.text, request.text_pair.as_deref()) {
+        let annotator = |job: &Job<A>| {
+            routes[job.route]
+                .as_ref()
+                .expect("jobs are routed to their model's workers")
+        };
+        let items: Vec<Item> = jobs
+            .iter()
+            .map(|job| Item {
+                annotator: annotator(job),
+                text: &job.request.text,
+                pair: job.request.text_pair.as_deref(),
+            })
+            .collect();
+        let results = annotate_batch(state, &items);
+        drop(items);
+        health.idle(slot);
+        for (job, result) in jobs.into_iter().zip(results) {
+            let annotator = annotator(&job);
+            let model = &annotator.bundle().name;
+            let request = &job.request;
+            let (topic, payload, error) = match result {
                 Ok(annotation) => {
                     let mut envelope =
                         ResultEnvelope::new(model, annotator.task().as_str(), request, &annotation);
@@ -202,17 +251,17 @@ fn worker<A>(
                     )
                 }
             };
-        health.idle(slot);
-        let outcome = Outcome {
-            topic,
-            payload: payload.expect("envelopes serialize"),
-            error,
-            ack: job.ack,
-            permit: Some(job.permit),
-            received: job.received,
-        };
-        if outcomes.send(outcome).is_err() {
-            return;
+            let outcome = Outcome {
+                topic,
+                payload: payload.expect("envelopes serialize"),
+                error,
+                ack: job.ack,
+                permit: Some(job.permit),
+                received: job.received,
+            };
+            if outcomes.send(outcome).is_err() {
+                return;
+            }
         }
     }
 }

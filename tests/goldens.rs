@@ -375,3 +375,77 @@ fn tract_int8_reproduces_pipeline_goldens() {
         "{flips} of {checked} cases differ from both pipelines"
     );
 }
+
+/// A micro-batch (windows of several messages run together, shortest with
+/// shortest) gives every message what it gets alone, and a bad message its own error.
+#[test]
+fn micro_batch_equals_one_by_one() {
+    use anotador::tasks::batch::{annotate_batch, Item};
+    let long = "El Banco de España publicó ayer en Madrid su informe anual. ".repeat(6);
+    let texts = [
+        "Hola.",
+        long.as_str(),
+        "",
+        "Gabriel García Márquez nació en Aracataca.",
+        "La ONU y la OTAN se reunieron en Nueva York.",
+    ];
+    for (name, window) in [
+        ("bert-token", Some(16)),
+        ("albert-token", None),
+        ("bert-seq", None),
+    ] {
+        let small = annotator(
+            name,
+            &TaskOptions {
+                window,
+                max_windows: Some(64),
+                ..TaskOptions::default()
+            },
+        );
+        // A second route on the same model with other options.
+        let all = Annotator::new(
+            small.bundle().clone(),
+            &TaskOptions {
+                top_k: Some(0),
+                aggregation: Some(Aggregation::None),
+                max_windows: Some(64),
+                ..TaskOptions::default()
+            },
+        )
+        .unwrap();
+        let mut state = small.bundle().engine.state().unwrap();
+        let items: Vec<Item> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Item {
+                annotator: if i % 2 == 0 { &small } else { &all },
+                text: t,
+                pair: None,
+            })
+            .collect();
+        let batched = annotate_batch(&mut state, &items);
+        assert_eq!(batched.len(), texts.len());
+        for (item, got) in items.iter().zip(batched) {
+            let alone = item.annotator.annotate(&mut state, item.text, None);
+            match (alone, got) {
+                (Ok(a), Ok(b)) => {
+                    assert_eq!(a.windows, b.windows);
+                    let a = serde_json::to_value(&a.result).unwrap();
+                    let expected: Vec<Value> = match a {
+                        Value::Array(v) => v,
+                        other => vec![other],
+                    };
+                    compare(item.text, &b.result, &expected, 1e-5)
+                        .unwrap_or_else(|e| panic!("{name} {:?}: {e}", item.text));
+                }
+                (Err(a), Err(b)) => assert_eq!(a.code(), b.code()),
+                (a, b) => panic!(
+                    "{name} {:?}: alone {:?}, batched {:?}",
+                    item.text,
+                    a.is_ok(),
+                    b.is_ok()
+                ),
+            }
+        }
+    }
+}

@@ -4,6 +4,7 @@
 //! tokenize → windows → engine → task post-processing (pure functions of logits
 //! and offsets, in `token`, `text` and `qa`).
 
+pub mod batch;
 pub mod qa;
 pub mod text;
 pub mod token;
@@ -47,8 +48,33 @@ pub struct TaskOptions {
 }
 
 pub const DEFAULT_MAX_WINDOWS: usize = 16;
-/// Windows run through the model together; bounds the activation memory of a long text.
-const WINDOWS_PER_RUN: usize = 8;
+/// At most this many windows run through the model together.
+pub const WINDOWS_PER_RUN: usize = 8;
+/// And at most this many (padded) tokens: batching pays for short windows (one
+/// 8×64 run costs less than eight 1×64 runs) but not for long ones, where attention
+/// is quadratic and an 8×512 run is slower and far bigger than eight 1×512 runs
+/// (measured with `cargo bench --bench compare`). Bounds activation memory too.
+pub const TOKENS_PER_RUN: usize = 512;
+
+/// Splits windows of the given lengths, in order, into runs within both limits;
+/// returns the number of windows of each run.
+pub fn runs(lengths: impl IntoIterator<Item = usize>) -> Vec<usize> {
+    let mut runs = Vec::new();
+    let (mut rows, mut longest) = (0usize, 0usize);
+    for len in lengths {
+        let padded = (rows + 1) * longest.max(len);
+        if rows > 0 && (rows == WINDOWS_PER_RUN || padded > TOKENS_PER_RUN) {
+            runs.push(rows);
+            (rows, longest) = (0, 0);
+        }
+        rows += 1;
+        longest = longest.max(len);
+    }
+    if rows > 0 {
+        runs.push(rows);
+    }
+    runs
+}
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
@@ -239,14 +265,20 @@ impl Annotator {
         }
     }
 
-    /// The model inputs of a text's windows: chunks of at most `WINDOWS_PER_RUN`,
-    /// every one padded to the longest window, so their logits concatenate as rows.
-    /// Public so that benchmarks can feed other engines exactly the same tensors.
+    /// The model inputs of a text's windows: runs within `WINDOWS_PER_RUN` and
+    /// `TOKENS_PER_RUN`, every one padded to the longest window, so their logits
+    /// concatenate as rows. Public so that benchmarks can feed other engines exactly
+    /// the same tensors.
     pub fn batches(&self, windows: &[Window]) -> Vec<crate::engine::Batch> {
         let seq_len = windows.iter().map(|w| w.ids.len()).max().unwrap_or(0);
-        windows
-            .chunks(WINDOWS_PER_RUN)
-            .map(|chunk| self.windower.batch(chunk, seq_len))
+        let mut rest = windows;
+        runs(windows.iter().map(|_| seq_len))
+            .into_iter()
+            .map(|n| {
+                let (run, tail) = rest.split_at(n);
+                rest = tail;
+                self.windower.batch(run, seq_len)
+            })
             .collect()
     }
 
@@ -271,6 +303,28 @@ impl Annotator {
         text: &str,
         pair: Option<&str>,
     ) -> Result<Annotation> {
+        let t0 = Instant::now();
+        let windows = self.prepare(text, pair)?;
+        let t1 = Instant::now();
+        let logits = self.run(state, &windows)?;
+        let t2 = Instant::now();
+        let result = self.postprocess(text, pair, &windows, &logits);
+        let t3 = Instant::now();
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        Ok(Annotation {
+            result,
+            windows: windows.len(),
+            tokens: windows.iter().map(|w| w.ids.len()).sum(),
+            timings: Timings {
+                tokenize_ms: ms(t0, t1),
+                inference_ms: ms(t1, t2),
+                postprocess_ms: ms(t2, t3),
+            },
+        })
+    }
+
+    /// Checks a request against the task and cuts it into windows.
+    pub fn prepare(&self, text: &str, pair: Option<&str>) -> Result<Vec<Window>> {
         let task = self.task();
         if text.trim().is_empty() {
             return Err(match task {
@@ -292,24 +346,19 @@ impl Annotator {
             }
             _ => {}
         }
-        let t0 = Instant::now();
-        let windows = self.encode(text, pair)?;
-        let t1 = Instant::now();
-        let logits = self.run(state, &windows)?;
-        let t2 = Instant::now();
-        let result = self.postprocess(text, pair, &windows, &logits);
-        let t3 = Instant::now();
-        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
-        Ok(Annotation {
-            result,
-            windows: windows.len(),
-            tokens: windows.iter().map(|w| w.ids.len()).sum(),
-            timings: Timings {
-                tokenize_ms: ms(t0, t1),
-                inference_ms: ms(t1, t2),
-                postprocess_ms: ms(t2, t3),
-            },
-        })
+        self.encode(text, pair)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn runs_respect_both_limits() {
+        assert_eq!(super::runs([64; 10]), [8, 2]);
+        assert_eq!(super::runs([512, 512, 100]), [1, 1, 1]);
+        assert_eq!(super::runs([10, 20, 100, 200, 300]), [3, 1, 1]);
+        assert_eq!(super::runs([600]), [1]);
+        assert!(super::runs([]).is_empty());
     }
 }
 

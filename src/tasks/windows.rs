@@ -194,8 +194,18 @@ impl Windower {
     /// Pads windows to `seq_len` tokens (at least the longest) in one batch; the
     /// padding is masked out by attention_mask.
     pub fn batch(&self, windows: &[Window], seq_len: usize) -> Batch {
+        self.batch_of(windows.iter(), seq_len)
+    }
+
+    /// [`Windower::batch`] over windows that need not sit in one slice (a
+    /// micro-batch gathers them from several messages).
+    pub fn batch_of<'a>(
+        &self,
+        windows: impl ExactSizeIterator<Item = &'a Window> + Clone,
+        seq_len: usize,
+    ) -> Batch {
         let seq_len = windows
-            .iter()
+            .clone()
             .map(|w| w.ids.len())
             .fold(seq_len, usize::max);
         let rows = windows.len();

@@ -214,6 +214,8 @@ reconnect_max_ms = 500
 path = "{ner}"
 workers = 2
 max_windows = 4
+# Micro-batches in every daemon and fault test: one outcome per message still.
+max_batch = 4
 
 [models.cls]
 path = "{cls}"
