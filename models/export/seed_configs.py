@@ -10,6 +10,7 @@ random, so the predictions are meaningless. Results: models/SEED_CONFIGS.md.
     python models/export/seed_configs.py                      # all four
     python models/export/seed_configs.py albeto-tiny beto-cased
     python models/export/seed_configs.py --out /tmp/seed-bundles --work /tmp/seed-ckpt
+    python models/export/seed_configs.py --qa albeto-tiny     # *ForQuestionAnswering twin -> <name>-qa
 
 Checkpoints go to --work (default /tmp/seed-ckpt/<name>), bundles to --out
 (default /tmp/seed-bundles/<name>); neither belongs in the repository.
@@ -116,28 +117,30 @@ def build_vocab(size):
     return vocab
 
 
-def build_model(spec):
+def build_model(spec, qa=False):
     import torch
-    from transformers import (AlbertConfig, AlbertForTokenClassification, BertConfig,
-                              BertForTokenClassification, DistilBertConfig,
-                              DistilBertForTokenClassification)
+    import transformers
+    from transformers import AlbertConfig, BertConfig, DistilBertConfig
 
     spec = dict(spec)
     arch = spec.pop("arch")
-    common = dict(id2label=dict(enumerate(NER_LABELS)), label2id={l: i for i, l in enumerate(NER_LABELS)},
-                  pad_token_id=0)
+    head = "ForQuestionAnswering" if qa else "ForTokenClassification"
+    common = dict(pad_token_id=0)
+    if not qa:
+        common.update(id2label=dict(enumerate(NER_LABELS)), label2id={l: i for i, l in enumerate(NER_LABELS)})
     if arch == "bert":
-        cfg, cls = BertConfig(**spec, **common), BertForTokenClassification
+        cfg, cls = BertConfig(**spec, **common), getattr(transformers, "Bert" + head)
     elif arch == "distilbert":
-        cfg, cls = DistilBertConfig(**spec, **common), DistilBertForTokenClassification
+        cfg, cls = DistilBertConfig(**spec, **common), getattr(transformers, "DistilBert" + head)
     else:
-        cfg, cls = AlbertConfig(**spec, bos_token_id=2, eos_token_id=3, **common), AlbertForTokenClassification
+        cfg, cls = (AlbertConfig(**spec, bos_token_id=2, eos_token_id=3, **common),
+                    getattr(transformers, "Albert" + head))
     torch.manual_seed(SEED)
     model = cls(cfg).eval()
     return model
 
 
-def write_checkpoint(name, ckpt):
+def write_checkpoint(name, ckpt, qa=False):
     from transformers import BertTokenizerFast
 
     spec = CONFIGS[name]
@@ -152,7 +155,7 @@ def write_checkpoint(name, ckpt):
                             strip_accents=False, model_max_length=MAXLEN)
     assert len(tok) == spec["vocab_size"], (len(tok), spec["vocab_size"])
     tok.save_pretrained(ckpt)
-    model = build_model(spec)
+    model = build_model(spec, qa)
     n_params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(ckpt)
     del model
@@ -165,6 +168,8 @@ def main(argv=None):
     ap.add_argument("--out", default="/tmp/seed-bundles", help="bundles go to OUT/<name>")
     ap.add_argument("--work", default="/tmp/seed-ckpt", help="checkpoints go to WORK/<name>")
     ap.add_argument("--keep-checkpoints", action="store_true")
+    ap.add_argument("--qa", action="store_true",
+                    help="*ForQuestionAnswering heads instead of token classification (bundle name <name>-qa)")
     args = ap.parse_args(argv)
     for n in args.names:
         if n not in CONFIGS:
@@ -175,11 +180,12 @@ def main(argv=None):
 
     summary = {}
     for name in args.names:
-        ckpt = os.path.join(args.work, name)
-        out = os.path.join(args.out, name)
+        suffix = "-qa" if args.qa else ""
+        ckpt = os.path.join(args.work, name + suffix)
+        out = os.path.join(args.out, name + suffix)
         t0 = time.time()
         log(f"== {name}: building checkpoint in {ckpt}")
-        n_params = write_checkpoint(name, ckpt)
+        n_params = write_checkpoint(name, ckpt, args.qa)
         log(f"   {n_params:,} parameters ({time.time() - t0:.0f} s)")
         if os.path.exists(out):
             shutil.rmtree(out)
