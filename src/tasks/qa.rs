@@ -85,8 +85,13 @@ pub fn answers(
     let pre_topk = 2 * top_k + 10;
     let mut min_null = 1_000_000f64;
     let mut found: Vec<Answer> = Vec::new();
+    // Lower-cased text of each found answer, the merge key (kept, not recomputed).
+    let mut keys: Vec<String> = Vec::new();
     for (row, w) in windows.iter().enumerate() {
         let n = w.ids.len();
+        if n == 0 {
+            continue;
+        }
         let allowed: Vec<bool> = (0..n)
             .map(|t| w.sequence[t] == Some(1) || Some(w.ids[t]) == cls_id)
             .collect();
@@ -103,9 +108,6 @@ pub fn answers(
         };
         let mut p_start = softmax_f32(&column(0));
         let mut p_end = softmax_f32(&column(1));
-        if n == 0 {
-            continue;
-        }
         if params.handle_impossible_answer {
             min_null = min_null.min((p_start[0] * p_end[0]) as f64);
         }
@@ -141,14 +143,17 @@ pub fn answers(
             };
             let text = chars.slice(context, start, end);
             let lower = text.to_lowercase();
-            match found.iter_mut().find(|a| a.answer.to_lowercase() == lower) {
-                Some(same) => same.score += score as f64,
-                None => found.push(Answer {
-                    score: score as f64,
-                    start,
-                    end: end.max(start),
-                    answer: text.to_string(),
-                }),
+            match keys.iter().position(|k| *k == lower) {
+                Some(same) => found[same].score += score as f64,
+                None => {
+                    keys.push(lower);
+                    found.push(Answer {
+                        score: score as f64,
+                        start,
+                        end: end.max(start),
+                        answer: text.to_string(),
+                    });
+                }
             }
         }
     }

@@ -103,23 +103,9 @@ impl Windower {
                 vec![encoding]
             }
             None => {
-                let mut encoding = self.tokenizer.encode(text, false).map_err(tokenizer_err)?;
-                let budget = self.max_length - self.specials;
-                if encoding.len() > budget {
-                    let step = budget - self.stride;
-                    let needed = 1 + (encoding.len() - budget).div_ceil(step);
-                    if needed > self.max_windows {
-                        return Err(Error::TextTooLong {
-                            needed,
-                            window: self.max_length,
-                            limit: self.max_windows,
-                        });
-                    }
-                    encoding.truncate(budget, self.stride, TruncationDirection::Right);
-                }
-                let rest = encoding.take_overflowing();
-                std::iter::once(encoding)
-                    .chain(rest)
+                let encoding = self.tokenizer.encode(text, false).map_err(tokenizer_err)?;
+                self.cut(encoding, self.max_length - self.specials)?
+                    .into_iter()
                     .map(|part| {
                         self.tokenizer
                             .post_process(part, None, true)
@@ -146,7 +132,7 @@ impl Windower {
             .tokenizer
             .encode(question, false)
             .map_err(tokenizer_err)?;
-        let mut c = self
+        let c = self
             .tokenizer
             .encode(context, false)
             .map_err(tokenizer_err)?;
@@ -166,21 +152,9 @@ impl Windower {
                     self.max_length
                 ))
             })?;
-        if c.len() > budget {
-            let needed = 1 + (c.len() - budget).div_ceil(budget - self.stride);
-            if needed > self.max_windows {
-                return Err(Error::TextTooLong {
-                    needed,
-                    window: self.max_length,
-                    limit: self.max_windows,
-                });
-            }
-            c.truncate(budget, self.stride, TruncationDirection::Right);
-        }
-        let rest = c.take_overflowing();
         let (qi, ci) = (CharIndex::new(question), CharIndex::new(context));
-        std::iter::once(c)
-            .chain(rest)
+        self.cut(c, budget)?
+            .into_iter()
             .map(|part| {
                 let e = self
                     .tokenizer
@@ -189,6 +163,28 @@ impl Windower {
                 Ok(window(&e, &qi, Some(&ci)))
             })
             .collect()
+    }
+
+    /// Cuts an encoding (no special tokens) into parts of at most `budget` tokens,
+    /// neighbours sharing `stride`, refusing what needs more than `max_windows`.
+    fn cut(
+        &self,
+        mut encoding: tokenizers::Encoding,
+        budget: usize,
+    ) -> Result<Vec<tokenizers::Encoding>> {
+        if encoding.len() > budget {
+            let needed = 1 + (encoding.len() - budget).div_ceil(budget - self.stride);
+            if needed > self.max_windows {
+                return Err(Error::TextTooLong {
+                    needed,
+                    window: self.max_length,
+                    limit: self.max_windows,
+                });
+            }
+            encoding.truncate(budget, self.stride, TruncationDirection::Right);
+        }
+        let rest = encoding.take_overflowing();
+        Ok(std::iter::once(encoding).chain(rest).collect())
     }
 
     /// Pads windows to `seq_len` tokens (at least the longest) in one batch; the
