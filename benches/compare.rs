@@ -188,6 +188,27 @@ fn bench_model(model: &Path, messages: &[String], ort: Option<&str>, max_batch: 
         batch_totals.push(started.elapsed().as_secs_f64());
     }
     let batched_msgs_per_s = messages.len() as f64 / median(batch_totals);
+    // Compute-only scaling: two threads, one engine state each, both running the
+    // message set at once. What two daemon workers could reach if MQTT, the broker
+    // and the client cost nothing; the gap to it is their share of the two cores.
+    let mut pair_totals = Vec::new();
+    for _ in 0..MESSAGE_PASSES {
+        let started = Instant::now();
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                let annotator = &annotator;
+                let bundle = &bundle;
+                scope.spawn(move || {
+                    let mut state = bundle.engine.state().unwrap();
+                    for m in messages {
+                        annotator.annotate(&mut state, m, None).unwrap();
+                    }
+                });
+            }
+        });
+        pair_totals.push(started.elapsed().as_secs_f64());
+    }
+    let engine2_msgs_per_s = 2.0 * messages.len() as f64 / median(pair_totals);
     let message_ms: Vec<f64> = per_message.into_iter().map(median).collect();
     let windows_total: usize = message_batches
         .iter()
@@ -254,6 +275,10 @@ fn bench_model(model: &Path, messages: &[String], ort: Option<&str>, max_batch: 
         batched_msgs_per_s / engine_msgs_per_s
     );
     println!(
+        "engine only, 2 threads: {engine2_msgs_per_s:.1} msg/s = {:.2} × 1 thread",
+        engine2_msgs_per_s / engine_msgs_per_s
+    );
+    println!(
         "daemon over MQTT, 1 worker: {:.1} msg/s = {:.2} × engine-only; 2 workers: {:.1} msg/s = {:.2} × 1 worker",
         daemon1.msgs_per_s,
         daemon1.msgs_per_s / engine_msgs_per_s,
@@ -261,8 +286,9 @@ fn bench_model(model: &Path, messages: &[String], ort: Option<&str>, max_batch: 
         daemon2.msgs_per_s / daemon1.msgs_per_s
     );
     println!(
-        "daemon peak RSS: at load {:.1} MiB, under load {:.1} MiB (1 worker); {:.1} / {:.1} MiB (2 workers)",
-        daemon1.load_peak_mib, daemon1.run_peak_mib, daemon2.load_peak_mib, daemon2.run_peak_mib
+        "daemon RSS: {:.1} MiB loaded, peak {:.1} at load, {:.1} under load (1 worker); {:.1} / {:.1} / {:.1} MiB (2 workers)",
+        daemon1.load_rss_mib, daemon1.load_peak_mib, daemon1.run_peak_mib,
+        daemon2.load_rss_mib, daemon2.load_peak_mib, daemon2.run_peak_mib
     );
     json!({
         "model": model,
@@ -273,6 +299,7 @@ fn bench_model(model: &Path, messages: &[String], ort: Option<&str>, max_batch: 
         "engine_messages_per_s": engine_msgs_per_s,
         "max_batch": max_batch,
         "engine_batched_messages_per_s": batched_msgs_per_s,
+        "engine_2_threads_messages_per_s": engine2_msgs_per_s,
         "message_ms_median": median(message_ms),
         "ort": ort_result,
         "daemon_1_worker": daemon1.json(),
@@ -282,13 +309,15 @@ fn bench_model(model: &Path, messages: &[String], ort: Option<&str>, max_batch: 
 
 struct DaemonRun {
     msgs_per_s: f64,
+    /// Resident once loaded and connected, before the first message.
+    load_rss_mib: f64,
     load_peak_mib: f64,
     run_peak_mib: f64,
 }
 
 impl DaemonRun {
     fn json(&self) -> Value {
-        json!({"messages_per_s": self.msgs_per_s, "peak_rss_load_mib": self.load_peak_mib, "peak_rss_run_mib": self.run_peak_mib})
+        json!({"messages_per_s": self.msgs_per_s, "rss_loaded_mib": self.load_rss_mib, "peak_rss_load_mib": self.load_peak_mib, "peak_rss_run_mib": self.run_peak_mib})
     }
 }
 
@@ -334,7 +363,7 @@ errors = "err/{{1}}"
     let daemon = Daemon::start(&config);
     let pid = daemon.0.id();
     wait_online(&device);
-    let (_, load_hwm) = rss_of(pid).unwrap();
+    let (load_rss, load_hwm) = rss_of(pid).unwrap();
     let started = Instant::now();
     for i in 0..total {
         let text = serde_json::to_string(&messages[i % messages.len()]).unwrap();
@@ -356,6 +385,7 @@ errors = "err/{{1}}"
     let mib = |b: u64| b as f64 / 1048576.0;
     DaemonRun {
         msgs_per_s: total as f64 / elapsed,
+        load_rss_mib: mib(load_rss),
         load_peak_mib: mib(load_hwm),
         run_peak_mib: mib(run_hwm),
     }

@@ -158,6 +158,8 @@ impl Bundle {
         tokenizer.with_padding(None);
 
         let engine = Engine::load(dir)?;
+        // The proto, the dequantized weights and tract's unpacked copy are gone now.
+        crate::memory::trim();
         let info = engine.info();
         let expected_output = match config.task {
             Task::TokenClassification => OutputKind::PerToken,

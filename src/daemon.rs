@@ -169,7 +169,10 @@ async fn serve(
 ) -> Result<(), DaemonError> {
     let name = config.daemon.name.clone();
     let opts = transport::options(&config)?;
-    let (client, mut eventloop) = AsyncClient::new(opts, config.daemon.queue * 2 + 16);
+    let (client, mut eventloop) = AsyncClient::new(
+        opts,
+        transport::outgoing_inflight(config.daemon.queue).into(),
+    );
     let stats = Arc::new(Stats::default());
     let permits = Arc::new(Semaphore::new(config.daemon.queue));
 

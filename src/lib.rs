@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod memory;
 pub mod message;
 pub mod pipeline;
 pub mod systemd;

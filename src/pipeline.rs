@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -178,9 +178,23 @@ impl<A: Send + 'static> ModelWorkers<A> {
 /// Takes one job, then whatever else is queued (up to `max_batch`, waiting at
 /// most `wait` for it), so a burst runs as micro-batches and an idle daemon answers
 /// a lone message at once.
+/// How long a worker waits for work before it returns freed memory to the kernel:
+/// long enough that a steady stream never pays for re-faulting its scratch pages,
+/// short enough that RSS falls back to the loaded size soon after a burst.
+const IDLE_TRIM: Duration = Duration::from_secs(2);
+
 fn next_jobs<A>(receiver: &Mutex<Receiver<Job<A>>>, batching: Batching) -> Option<Vec<Job<A>>> {
     let guard = receiver.lock().unwrap_or_else(|p| p.into_inner());
-    let mut jobs = vec![guard.recv().ok()?];
+    let first = match guard.recv_timeout(IDLE_TRIM) {
+        Ok(job) => job,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            // Idle: give the last burst's scratch back, once, before sleeping.
+            crate::memory::trim();
+            guard.recv().ok()?
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return None,
+    };
+    let mut jobs = vec![first];
     let deadline = Instant::now() + batching.wait;
     while jobs.len() < batching.max_batch {
         let next = match guard.try_recv() {

@@ -63,6 +63,11 @@ pub fn options(config: &Config) -> Result<MqttOptions, TransportError> {
     opts.set_manual_acks(true);
     let queue = u16::try_from(config.daemon.queue).unwrap_or(u16::MAX);
     opts.set_receive_maximum(Some(queue));
+    // rumqttc sizes its table of our unacknowledged publishes by this limit up front,
+    // and its default (65,535 slots) is 14 MiB: most of an idle daemon's heap. The
+    // broker's CONNACK lowers it further (Mosquitto: 20); beyond it rumqttc holds
+    // publishes back until acks come, which is flow control, not loss.
+    opts.set_outgoing_inflight_upper_limit(outgoing_inflight(config.daemon.queue));
     let max = config.daemon.max_payload_bytes.max(1024) + 4096;
     opts.set_max_packet_size(Some(max as u32));
     opts.set_last_will(LastWill::new(
@@ -104,6 +109,11 @@ pub fn options(config: &Config) -> Result<MqttOptions, TransportError> {
         }));
     }
     Ok(opts)
+}
+
+/// One result or error publish per queued message, plus status and stats.
+pub fn outgoing_inflight(queue: usize) -> u16 {
+    u16::try_from(queue.saturating_mul(2).saturating_add(16)).unwrap_or(u16::MAX)
 }
 
 /// rustls needs one process-wide crypto provider; ring builds for armv7 where
