@@ -211,78 +211,21 @@ mod tests {
 
     #[test]
     fn bad_payloads_get_their_codes() {
-        assert_eq!(
-            code(parse(
-                b"\xff\xfe",
-                PayloadFormat::Text,
-                Task::TextClassification,
-                100
-            )),
-            "invalid_utf8"
-        );
-        assert_eq!(
-            code(parse(
-                b"   \n",
-                PayloadFormat::Text,
-                Task::TextClassification,
-                100
-            )),
-            "empty_text"
-        );
-        assert_eq!(
-            code(parse(
-                &[b'a'; 101],
-                PayloadFormat::Text,
-                Task::TextClassification,
-                100
-            )),
-            "payload_too_large"
-        );
-        assert_eq!(
-            code(parse(
-                b"{\"text\": ",
-                PayloadFormat::Json,
-                Task::TextClassification,
-                100
-            )),
-            "invalid_json"
-        );
-        assert_eq!(
-            code(parse(
-                b"[1]",
-                PayloadFormat::Json,
-                Task::TextClassification,
-                100
-            )),
-            "invalid_json"
-        );
-        assert_eq!(
-            code(parse(
-                b"{\"id\": 1}",
-                PayloadFormat::Json,
-                Task::TextClassification,
-                100
-            )),
-            "missing_text"
-        );
-        assert_eq!(
-            code(parse(
-                b"{\"text\": 3}",
-                PayloadFormat::Json,
-                Task::TextClassification,
-                100
-            )),
-            "missing_text"
-        );
-        assert_eq!(
-            code(parse(
-                b"{\"text\": \" \"}",
-                PayloadFormat::Json,
-                Task::TextClassification,
-                100
-            )),
-            "empty_text"
-        );
+        let long = [b'a'; 101];
+        let cases: [(&[u8], PayloadFormat, &str); 8] = [
+            (b"\xff\xfe", PayloadFormat::Text, "invalid_utf8"),
+            (b"   \n", PayloadFormat::Text, "empty_text"),
+            (&long, PayloadFormat::Text, "payload_too_large"),
+            (b"{\"text\": ", PayloadFormat::Json, "invalid_json"),
+            (b"[1]", PayloadFormat::Json, "invalid_json"),
+            (b"{\"id\": 1}", PayloadFormat::Json, "missing_text"),
+            (b"{\"text\": 3}", PayloadFormat::Json, "missing_text"),
+            (b"{\"text\": \" \"}", PayloadFormat::Json, "empty_text"),
+        ];
+        for (payload, format, expected) in cases {
+            let got = code(parse(payload, format, Task::TextClassification, 100));
+            assert_eq!(got, expected, "{}", String::from_utf8_lossy(payload));
+        }
     }
 
     #[test]
