@@ -9,7 +9,6 @@
 //! 3. end to end through tract on the int8 bundle: logits close to fp32, argmax
 //!    identical to onnxruntime int8, and the pipeline's entities and labels.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anotador::bundle::{Aggregation, ScoreFunction};
@@ -18,6 +17,13 @@ use anotador::tasks::{Output, TaskOptions};
 use anotador::{Annotator, Bundle};
 use serde::Deserialize;
 use serde_json::Value;
+
+mod fixture;
+use fixture::dir;
+
+fn golden(name: &str) -> Golden {
+    fixture::golden(name)
+}
 
 const FIXTURES: [&str; 7] = [
     "albert-token",
@@ -77,17 +83,6 @@ struct LogitCase {
     input_ids: Vec<Vec<u32>>,
     torch_fp32: Value,
     ort_int8: Value,
-}
-
-fn dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn golden(name: &str) -> Golden {
-    let text = std::fs::read_to_string(dir(name).join("goldens.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
 }
 
 fn options(case: &Case) -> TaskOptions {

@@ -10,7 +10,6 @@
 //!    int8), the same start/end argmax in every window, and the pipeline's answers.
 //! 4. `anotador eval` on SQuAD JSON: exact match and F1 of known predictions.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anotador::engine::Logits;
@@ -18,6 +17,13 @@ use anotador::tasks::{Output, TaskOptions};
 use anotador::{Annotator, Bundle};
 use serde::Deserialize;
 use serde_json::Value;
+
+mod fixture;
+use fixture::dir;
+
+fn golden(name: &str) -> Golden {
+    fixture::golden(name)
+}
 
 const FIXTURES: [&str; 3] = ["albert-qa", "distilbert-qa", "bert-qa"];
 
@@ -56,17 +62,6 @@ struct WindowGolden {
     p_mask: Vec<u8>,
     start_logits_fp32: Vec<f32>,
     end_logits_fp32: Vec<f32>,
-}
-
-fn dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn golden(name: &str) -> Golden {
-    let text = std::fs::read_to_string(dir(name).join("goldens.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
 }
 
 fn options(p: &Params) -> TaskOptions {
