@@ -330,34 +330,12 @@ fn daemon_throughput(
     let total = messages.len() * DAEMON_ROUNDS;
     let broker = start_broker_with(&format!("max_queued_messages {}\n", total * 2));
     let dir = TempDir::new("compare");
-    let config = dir.0.join("compare.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[daemon]
-name = "t"
-stats_interval_s = 3600
-queue = 32
-max_payload_bytes = 65536
-[broker]
-port = {port}
-client_id = "bench"
-[models.m]
-path = "{model}"
-workers = {workers}
-max_batch = {max_batch}
-[[routes]]
-topic = "in/+"
-model = "m"
-output = "out/{{1}}"
-errors = "err/{{1}}"
-"#,
-            port = broker.port,
-            model = model.display()
-        ),
-    )
-    .unwrap();
+    let config = bench_config(
+        &dir,
+        broker.port,
+        &model.display().to_string(),
+        &format!("workers = {workers}\nmax_batch = {max_batch}"),
+    );
     let device = Device::connect(broker.port, "bench-device");
     std::thread::sleep(Duration::from_millis(300));
     let daemon = Daemon::start(&config);

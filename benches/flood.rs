@@ -47,31 +47,7 @@ fn main() {
 
     let broker = start_broker_with(&format!("max_queued_messages {}\n", total * 2));
     let dir = TempDir::new("flood");
-    let config = dir.0.join("flood.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[daemon]
-name = "t"
-stats_interval_s = 3600
-queue = 32
-[broker]
-port = {port}
-client_id = "flood"
-[models.ner]
-path = "{model}"
-workers = 1
-[[routes]]
-topic = "in/ner/+"
-model = "ner"
-output = "out/ner/{{1}}"
-errors = "err/ner/{{1}}"
-"#,
-            port = broker.port
-        ),
-    )
-    .unwrap();
+    let config = bench_config(&dir, broker.port, &model, "workers = 1");
     let device = Device::connect(broker.port, "flood-device");
     std::thread::sleep(Duration::from_millis(300));
     let daemon = Daemon::start(&config);
@@ -86,7 +62,7 @@ errors = "err/ner/{{1}}"
         while *published < limit.min(total) {
             let text = SENTENCES[*published % SENTENCES.len()];
             device.publish(
-                "in/ner/flood",
+                "in/flood",
                 format!(r#"{{"id": {}, "text": "{text}"}}"#, *published),
             );
             *published += 1;

@@ -445,3 +445,34 @@ pub fn wait_online(device: &Device) {
     let (online, got) = saw_status(device, "online", Duration::from_secs(30));
     assert!(online, "daemon never announced itself online: {got:?}");
 }
+
+/// The benchmarks' daemon: one model (`model_keys`: extra `[models.m]` lines) behind
+/// one route, `in/+` → `out/{1}`, errors on `err/{1}`. Returns the config's path.
+pub fn bench_config(dir: &TempDir, port: u16, model: &str, model_keys: &str) -> PathBuf {
+    let config = dir.0.join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[daemon]
+name = "t"
+stats_interval_s = 3600
+queue = 32
+max_payload_bytes = 65536
+[broker]
+port = {port}
+client_id = "bench"
+[models.m]
+path = "{model}"
+{model_keys}
+[[routes]]
+topic = "in/+"
+model = "m"
+output = "out/{{1}}"
+errors = "err/{{1}}"
+"#
+        ),
+    )
+    .unwrap();
+    config
+}
