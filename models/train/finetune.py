@@ -17,7 +17,12 @@ LIMIT = int(os.environ.get("LIMIT", 0))  # smoke tests only
 set_seed(SEED)
 tok = BertTokenizerFast.from_pretrained(INIT)
 MAXLEN = 512
-TOK_BUDGET = int(os.environ.get("TOK_BUDGET", 4096))   # padded tokens per batch
+# padded tokens per batch; pos uses small batches: the from-scratch encoder needs optimiser steps (42 steps/epoch at 4096)
+TOK_BUDGET = int(os.environ.get("TOK_BUDGET", 1024 if TASK == "pos" else 4096))
+# pos: structured init of the fresh encoder (local_init.py) so each word's first sub-token sees the next sub-tokens
+LOCAL_INIT = os.environ.get("LOCAL_INIT", "1" if TASK == "pos" else "0") == "1"
+DROPOUT = float(os.environ.get("DROPOUT", 0.1))
+SHIFTS = tuple(int(v) for v in os.environ.get("SHIFTS", "1,2,3,-1").split(","))
 
 LICENCES = {
     "ner": "Training data CoNLL-2002 Spanish (EFE news; TALP/CLiC): research use in the context of the CoNLL-2002 shared task only, "
@@ -104,17 +109,33 @@ def score_tags(task, enc, preds):
     return 100 * c / n, {"accuracy": 100 * c / n, "words": n}
 
 
+def score_parts(task, encs, model, id2label):
+    """Score each dev part; with several parts (pos: AnCora, GSD) the selection score is their mean."""
+    dets = {k: score_tags(task, e, predict_tags(model, e, id2label)) for k, e in encs.items()}
+    if len(dets) == 1:
+        return next(iter(dets.values()))
+    m = sum(v[0] for v in dets.values()) / len(dets)
+    return m, {"accuracy": m, "selection": "mean of the parts", "parts": {k: v[1] for k, v in dets.items()}}
+
+
 def train_tagger(task, labels, train_sents, dev_sents, test_sents, epochs, lr, budget_s):
+    """dev_sents: a list, or {name: list} to score (and select on the mean of) several held-out parts."""
+    dev_parts = dev_sents if isinstance(dev_sents, dict) else {"dev": dev_sents}
     label2id = {l: i for i, l in enumerate(labels)}; id2label = {i: l for i, l in enumerate(labels)}
     model = AlbertForTokenClassification.from_pretrained(INIT, num_labels=len(labels), id2label=id2label,
-                                                         label2id=label2id, hidden_dropout_prob=0.1,
-                                                         classifier_dropout_prob=0.1)
+                                                         label2id=label2id, hidden_dropout_prob=DROPOUT,
+                                                         classifier_dropout_prob=DROPOUT)
+    if LOCAL_INIT:
+        from local_init import local_init
+        local_init(model, shifts=SHIFTS)
     if LIMIT:
-        train_sents, dev_sents, test_sents = train_sents[:LIMIT], dev_sents[:LIMIT], (test_sents or [])[:LIMIT]
-    tr = encode_tagged(train_sents, label2id); dv = encode_tagged(dev_sents, label2id)
+        train_sents, test_sents = train_sents[:LIMIT], (test_sents or [])[:LIMIT]
+        dev_parts = {k: v[:LIMIT] for k, v in dev_parts.items()}
+    tr = encode_tagged(train_sents, label2id); dvs = {k: encode_tagged(v, label2id) for k, v in dev_parts.items()}
     te = encode_tagged(test_sents, label2id) if test_sents else None
-    lost = sum(j is None for e in tr + dv for j in e[2])
-    print(f"{task}: train {len(tr)} dev {len(dv)} test {len(te) if te else 0}; words without sub-token: {lost}", flush=True)
+    lost = sum(j is None for e in tr + [x for v in dvs.values() for x in v] for j in e[2])
+    print(f"{task}: train {len(tr)} dev {', '.join(f'{k} {len(v)}' for k, v in dvs.items())} test {len(te) if te else 0}; "
+          f"words without sub-token: {lost}", flush=True)
     rng = random.Random(SEED)
     nb = len(batches_by_len(tr, [len(e[0]) for e in tr], TOK_BUDGET, False, None))
     total = nb * epochs
@@ -133,9 +154,11 @@ def train_tagger(task, labels, train_sents, dev_sents, test_sents, epochs, lr, b
             opt.zero_grad(set_to_none=True); loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
             step += 1; tl += loss.item(); tn += 1
-        sc, det = score_tags(task, dv, predict_tags(model, dv, id2label))
+        sc, det = score_parts(task, dvs, model, id2label)
         el = time.time() - t0
         rec = {"epoch": ep + 1, "train_loss": round(tl / tn, 4), "dev": round(sc, 2), "min": round(el / 60, 2)}
+        if "parts" in det:
+            rec["dev_parts"] = {k: round(v["accuracy"], 2) for k, v in det["parts"].items()}
         print(json.dumps(rec), flush=True); hist.append(rec)
         if sc > best:
             best, best_ep = sc, ep + 1
@@ -143,7 +166,7 @@ def train_tagger(task, labels, train_sents, dev_sents, test_sents, epochs, lr, b
         if el > budget_s:
             print("time budget reached", flush=True); break
     model = AlbertForTokenClassification.from_pretrained(f"{OUT}/{NAME}-final")
-    dsc, ddet = score_tags(task, dv, predict_tags(model, dv, id2label))
+    dsc, ddet = score_parts(task, dvs, model, id2label)
     res = {"best_epoch": best_ep, "dev": ddet, "history": hist, "minutes": round((time.time() - t0) / 60, 1)}
     if te:
         tsc, tdet = score_tags(task, te, predict_tags(model, te, id2label)); res["test"] = tdet
@@ -254,29 +277,33 @@ def run_emotion(epochs, lr, budget_s):
 
 if __name__ == "__main__":
     t0 = time.time()
-    EPOCHS = int(os.environ.get("EPOCHS", {"ner": 12, "pos": 6, "emotion": 6}[TASK]))
-    LRATE = float(os.environ.get("LR", {"ner": 7e-4, "pos": 5e-4, "emotion": 3e-4}[TASK]))
-    BUDGET = float(os.environ.get("BUDGET_S", {"ner": 1980, "pos": 900, "emotion": 840}[TASK]))
+    EPOCHS = int(os.environ.get("EPOCHS", {"ner": 12, "pos": 8, "emotion": 6}[TASK]))   # pos: 8 beat 20 (dev 94.03 vs 93.77)
+    LRATE = float(os.environ.get("LR", {"ner": 7e-4, "pos": 2e-3, "emotion": 3e-4}[TASK]))
+    BUDGET = float(os.environ.get("BUDGET_S", {"ner": 1980, "pos": 2400, "emotion": 840}[TASK]))
     if TASK == "ner":
         tr = read_conll2002(f"{DATA}/conll2002_es/esp.train"); dv = read_conll2002(f"{DATA}/conll2002_es/esp.testa")
         res = train_tagger("ner", NER_LABELS, tr, dv, None, EPOCHS, LRATE, BUDGET)
         res["metric"] = "entity F1 (conlleval semantics) on CoNLL-2002 esp.testa, words joined by spaces, first sub-token"
         res["dev_split"] = "conll2002 esp.testa"
     elif TASK == "pos":
-        tr = read_conllu(f"{DATA}/ud_spanish/es_ancora-ud-dev.conllu") + read_conllu(f"{DATA}/ud_spanish/es_gsd-ud-dev.conllu")
-        rng = random.Random(SEED); idx = list(range(len(tr))); rng.shuffle(idx)
-        ndv = len(tr) // 20
-        dv = [tr[i] for i in idx[:ndv]]; tr = [tr[i] for i in idx[ndv:]]
+        # a seeded 10 % of EACH treebank's dev file is held out, so both annotation styles are scored (selection on
+        # the mean); the rest of both files is the training set (no train splits are available here)
+        tr, dv = [], {}
+        for name in ("ancora", "gsd"):
+            s = read_conllu(f"{DATA}/ud_spanish/es_{name}-ud-dev.conllu")
+            rng = random.Random(SEED); idx = list(range(len(s))); rng.shuffle(idx); ndv = len(s) // 10
+            dv[name] = [s[i] for i in idx[:ndv]]; tr += [s[i] for i in idx[ndv:]]
         te = read_conllu(f"{DATA}/ud_spanish/es_gsd-ud-test.conllu")
         res = train_tagger("pos", UPOS, tr, dv, te, EPOCHS, LRATE, BUDGET)
         res["metric"] = "UPOS word accuracy, words joined by spaces, first sub-token"
-        res["dev_split"] = "5% seeded sample of AnCora-dev+GSD-dev sentences (selection only)"
+        res["dev_split"] = "seeded 10% of AnCora-dev and 10% of GSD-dev sentences, scored separately (selection on the mean)"
         res["test_split"] = "UD Spanish GSD 2.16 es_gsd-ud-test.conllu (held out, never trained on)"
     elif TASK == "emotion":
         res = run_emotion(EPOCHS, LRATE, BUDGET)
         res["metric"] = "8-class single-label accuracy / macro-F1 on the single-label XED lines"
         res["dev_split"] = "models/train/splits/xed-dev.tsv"; res["test_split"] = "models/train/splits/xed-test.tsv"
-    res["licence"] = LICENCES[TASK]; res["init"] = INIT; res["seed"] = SEED
+    res["licence"] = LICENCES[TASK]; res["init"] = INIT + (f" + local_init(shifts={SHIFTS})" if LOCAL_INIT else ""); res["seed"] = SEED
+    res["lr"] = LRATE; res["tok_budget"] = TOK_BUDGET; res["dropout"] = DROPOUT
     res["total_minutes"] = round((time.time() - t0) / 60, 1)
     json.dump(res, open(f"{OUT}/{NAME}-scores.json", "w"), indent=1, ensure_ascii=False)
     print(json.dumps({k: v for k, v in res.items() if k != "history"}, ensure_ascii=False, indent=1))

@@ -10,7 +10,8 @@
     python models/train/train.py emotion    # XED 8-class     -> out/emotion-final, out/emotion-scores.json
     python models/train/train.py eval-onnx BUNDLE TASK   # score an exported int8 bundle with onnxruntime
 
-Environment knobs (defaults are what was used): BUDGET_S, EPOCHS, LR, THREADS=1, BF16=1, INIT, NAME.
+Environment knobs (defaults are what was used): BUDGET_S, EPOCHS, LR, THREADS=1, BF16=1, INIT, NAME,
+TOK_BUDGET, DROPOUT, LOCAL_INIT (pos: 1), SHIFTS (pos: 1,2,3,-1).
 """
 import os, subprocess, sys
 
