@@ -175,14 +175,14 @@ impl<A: Send + 'static> ModelWorkers<A> {
     }
 }
 
-/// Takes one job, then whatever else is queued (up to `max_batch`, waiting at
-/// most `wait` for it), so a burst runs as micro-batches and an idle daemon answers
-/// a lone message at once.
 /// How long a worker waits for work before it returns freed memory to the kernel:
 /// long enough that a steady stream never pays for re-faulting its scratch pages,
 /// short enough that RSS falls back to the loaded size soon after a burst.
 const IDLE_TRIM: Duration = Duration::from_secs(2);
 
+/// Takes one job, then whatever else is queued (up to `max_batch`, waiting at
+/// most `wait` for it), so a burst runs as micro-batches and an idle daemon answers
+/// a lone message at once.
 fn next_jobs<A>(receiver: &Mutex<Receiver<Job<A>>>, batching: Batching) -> Option<Vec<Job<A>>> {
     let guard = receiver.lock().unwrap_or_else(|p| p.into_inner());
     let first = match guard.recv_timeout(IDLE_TRIM) {

@@ -32,12 +32,13 @@ c["fine_tune_minutes (2 shared CPU cores)"] = r["total_minutes"]
 arch = "ALBERT (unshared, 4 layers, hidden 256, embedding 128, 4 heads, ffn 1024, vocab 7000 cased WordPiece, max_pos 512)"
 if "scratch" in r["init"]:
     c["encoder"] = arch + ", encoder layers freshly initialised (seed 1234), word embeddings = PPMI-SVD vectors from the pretraining text"
-    if "local_init" in r["init"]:
-        c["encoder"] += (", then local_init.py: embedding = 96 PCA dims of those vectors + 32 sinusoidal position dims, "
-                         "layer-0 heads initialised to copy the sub-tokens at i+1, i+2, i+3, i-1 (all weights trained)")
 else:
     c["encoder"] = (arch + f", MLM-pretrained {pre['tokens_seen_total']/1e6:.1f}M tokens (held-out MLM loss {pre['final_eval_mlm_loss']}, "
                     "still on the unigram plateau), then word embeddings replaced by PPMI-SVD vectors")
+# ner (pretrained init) and pos (fresh init) both go through local_init when it is on
+if "local_init" in r["init"]:
+    c["encoder"] += (", then local_init.py: embedding = 96 PCA dims of those vectors + 32 sinusoidal position dims, "
+                     "layer-0 heads initialised to copy the sub-tokens at i+1, i+2, i+3, i-1 (all weights trained)")
 c["training_data_licence"] = r["licence"]
 c["recipe"] = f"models/train/README.md (python models/train/train.py {task})"
 json.dump(c, open(f"{OUT}/{task}-scores.json", "w"), indent=1, ensure_ascii=False)
