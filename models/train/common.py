@@ -43,27 +43,28 @@ def read_conll2002(path):
     return sents
 
 
-def read_conllu(path):
-    """-> list of (forms, upos); skips multiword-token ranges (1-2) and empty nodes (1.1)."""
-    sents, words, tags = [], [], []
+def conllu_rows(path):
+    """Yield each sentence as a list of its word rows (the 10 columns), without multiword-token ranges (1-2) and
+    empty nodes (1.1)."""
+    rows = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             line = line.rstrip("\n")
             if not line:
-                if words:
-                    sents.append((words, tags))
-                words, tags = [], []
-                continue
-            if line.startswith("#"):
-                continue
-            cols = line.split("\t")
-            if "-" in cols[0] or "." in cols[0]:
-                continue
-            words.append(cols[1])
-            tags.append(cols[3])
-    if words:
-        sents.append((words, tags))
-    return sents
+                if rows:
+                    yield rows
+                rows = []
+            elif not line.startswith("#"):
+                cols = line.split("\t")
+                if "-" not in cols[0] and "." not in cols[0]:
+                    rows.append(cols)
+    if rows:
+        yield rows
+
+
+def read_conllu(path):
+    """-> list of (forms, upos)."""
+    return [([c[1] for c in rows], [c[3] for c in rows]) for rows in conllu_rows(path)]
 
 
 MONTHS_DAYS = {"enero", "febrero", "marzo", "abril", "mayo", "junio", "julio", "agosto", "septiembre", "setiembre",
@@ -82,16 +83,13 @@ def read_conllu_harmonized(path):
     29 NOUN) but often NOUN/ADJ in GSD (2,874 / 385). Uses the gold head and relation, so it applies to treebank files only.
     Returns (sentences, number of changed tags)."""
     sents, changed = [], 0
-    rows = []
-
-    def flush():
-        nonlocal changed
-        if not rows:
-            return
+    for sent in conllu_rows(path):
         words, tags = [], []
-        for i, (form, lemma, upos, head, rel) in enumerate(rows):
+        for i, c in enumerate(sent):
+            form, lemma, upos, rel = c[1], c[2], c[3], c[7]
+            head = int(c[6]) if c[6].isdigit() else 0
             low, new = form.lower(), upos
-            if low == "que" and upos == "SCONJ" and rel == "mark" and head > 0 and rows[head - 1][4].startswith("acl"):
+            if low == "que" and upos == "SCONJ" and rel == "mark" and head > 0 and sent[head - 1][7].startswith("acl"):
                 new = "PRON"          # relative-clause "que": AnCora's PronType=Rel pronoun
             elif low == "que" and upos == "CCONJ":
                 new = "SCONJ"         # comparative "más ... que"
@@ -109,21 +107,6 @@ def read_conllu_harmonized(path):
             changed += new != upos
             words.append(form); tags.append(new)
         sents.append((words, tags))
-        rows.clear()
-
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.rstrip("\n")
-            if not line:
-                flush()
-                continue
-            if line.startswith("#"):
-                continue
-            cols = line.split("\t")
-            if "-" in cols[0] or "." in cols[0]:
-                continue
-            rows.append((cols[1], cols[2], cols[3], int(cols[6]) if cols[6].isdigit() else 0, cols[7]))
-    flush()
     return sents, changed
 
 
