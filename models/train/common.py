@@ -225,6 +225,9 @@ def entity_f1(gold_seqs, pred_seqs):
             "per_type": {k: dict(zip(["precision", "recall", "f1"], f(*v))) | {"support": v[1]} for k, v in sorted(per.items())}}
 
 
+GSD_TEST = f"{DATA}/ud_spanish/es_gsd-ud-test.conllu"   # scored only, never trained on
+
+
 def pos_parts(harmonize=True, split_seed=SEED):
     """The pos data: a seeded 10 % of EACH treebank's dev file is held out (both annotation styles are scored), the
     rest of both files is the training set (no train splits are available here). GSD's tags follow AnCora's
@@ -235,8 +238,7 @@ def pos_parts(harmonize=True, split_seed=SEED):
         s = read_conllu_harmonized(path)[0] if harmonize and name == "gsd" else read_conllu(path)
         rng = random.Random(split_seed); idx = list(range(len(s))); rng.shuffle(idx); ndv = len(s) // 10
         dv[name] = [s[i] for i in idx[:ndv]]; tr += [s[i] for i in idx[ndv:]]
-    te_path = f"{DATA}/ud_spanish/es_gsd-ud-test.conllu"
-    te = read_conllu_harmonized(te_path)[0] if harmonize else read_conllu(te_path)
+    te = read_conllu_harmonized(GSD_TEST)[0] if harmonize else read_conllu(GSD_TEST)
     return tr, dv, te
 
 

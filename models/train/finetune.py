@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import (AlbertForSequenceClassification, AlbertForTokenClassification, BertTokenizerFast)
-from common import (DATA, OUT, SPLITS, SEED, NER_LABELS, UPOS, EMOTIONS, set_seed, read_conll2002, read_conllu, pos_parts,
+from common import (DATA, OUT, SPLITS, SEED, NER_LABELS, UPOS, EMOTIONS, set_seed, read_conll2002, read_conllu, pos_parts, GSD_TEST,
                     word_first_subtoken_index_fast, entity_f1)
 
 TASK = sys.argv[1]
@@ -120,8 +120,10 @@ def score_parts(task, encs, model, id2label):
 
 
 def train_tagger(task, labels, train_sents, dev_sents, test_sents, epochs, lr, budget_s):
-    """dev_sents: a list, or {name: list} to score (and select on the mean of) several held-out parts."""
+    """dev_sents: a list, or {name: list} to score (and select on the mean of) several held-out parts.
+    test_sents: None, a list (scored as res["test"]), or {result key: list} to score the kept model on each."""
     dev_parts = dev_sents if isinstance(dev_sents, dict) else {"dev": dev_sents}
+    test_parts = test_sents if isinstance(test_sents, dict) else {"test": test_sents} if test_sents else {}
     label2id = {l: i for i, l in enumerate(labels)}; id2label = {i: l for i, l in enumerate(labels)}
     model = AlbertForTokenClassification.from_pretrained(INIT, num_labels=len(labels), id2label=id2label,
                                                          label2id=label2id, hidden_dropout_prob=DROPOUT,
@@ -130,12 +132,13 @@ def train_tagger(task, labels, train_sents, dev_sents, test_sents, epochs, lr, b
         from local_init import local_init
         local_init(model, shifts=SHIFTS)
     if LIMIT:
-        train_sents, test_sents = train_sents[:LIMIT], (test_sents or [])[:LIMIT]
+        train_sents = train_sents[:LIMIT]
         dev_parts = {k: v[:LIMIT] for k, v in dev_parts.items()}
+        test_parts = {k: v[:LIMIT] for k, v in test_parts.items()}
     tr = encode_tagged(train_sents, label2id); dvs = {k: encode_tagged(v, label2id) for k, v in dev_parts.items()}
-    te = encode_tagged(test_sents, label2id) if test_sents else None
+    tes = {k: encode_tagged(v, label2id) for k, v in test_parts.items()}
     lost = sum(j is None for e in tr + [x for v in dvs.values() for x in v] for j in e[2])
-    print(f"{task}: train {len(tr)} dev {', '.join(f'{k} {len(v)}' for k, v in dvs.items())} test {len(te) if te else 0}; "
+    print(f"{task}: train {len(tr)} dev {', '.join(f'{k} {len(v)}' for k, v in dvs.items())} test {sum(map(len, tes.values()))}; "
           f"words without sub-token: {lost}", flush=True)
     rng = random.Random(SEED)
     nb = len(batches_by_len(tr, [len(e[0]) for e in tr], TOK_BUDGET, False, None))
@@ -169,8 +172,8 @@ def train_tagger(task, labels, train_sents, dev_sents, test_sents, epochs, lr, b
     model = AlbertForTokenClassification.from_pretrained(f"{OUT}/{NAME}-final")
     dsc, ddet = score_parts(task, dvs, model, id2label)
     res = {"best_epoch": best_ep, "dev": ddet, "history": hist, "minutes": round((time.time() - t0) / 60, 1)}
-    if te:
-        tsc, tdet = score_tags(task, te, predict_tags(model, te, id2label)); res["test"] = tdet
+    for k, te in tes.items():
+        res[k] = score_tags(task, te, predict_tags(model, te, id2label))[1]
     return res
 
 
@@ -293,13 +296,9 @@ if __name__ == "__main__":
         # GSD's tags are mapped to AnCora's conventions where the two treebanks disagree (common.read_conllu_harmonized)
         harm = os.environ.get("HARMONIZE", "1") == "1"
         tr, dv, te = pos_parts(harm, int(os.environ.get("POS_SPLIT_SEED", SEED)))
-        te_path = f"{DATA}/ud_spanish/es_gsd-ud-test.conllu"
-        res = train_tagger("pos", UPOS, tr, dv, te, EPOCHS, LRATE, BUDGET)
         if harm:   # also scored against GSD's own tags
-            label2id = {l: i for i, l in enumerate(UPOS)}; id2label = dict(enumerate(UPOS))
-            m = AlbertForTokenClassification.from_pretrained(f"{OUT}/{NAME}-final")
-            te_native = encode_tagged(read_conllu(te_path), label2id)
-            res["test_native_gsd_tags"] = score_tags("pos", te_native, predict_tags(m, te_native, id2label))[1]
+            te = {"test": te, "test_native_gsd_tags": read_conllu(GSD_TEST)}
+        res = train_tagger("pos", UPOS, tr, dv, te, EPOCHS, LRATE, BUDGET)
         res["harmonized"] = harm
         res["metric"] = "UPOS word accuracy, words joined by spaces, first sub-token"
         res["dev_split"] = "seeded 10% of AnCora-dev and 10% of GSD-dev sentences, scored separately (selection on the mean)"

@@ -182,12 +182,12 @@ impl Proxy {
     }
 }
 
+#[path = "../fixture/mod.rs"]
+mod fixture_files;
+
+/// A committed fixture bundle's path, as the config files want it.
 pub fn fixture(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-        .display()
-        .to_string()
+    fixture_files::dir(name).display().to_string()
 }
 
 /// A config with an NER route (JSON payloads) and a classification route (raw text).
