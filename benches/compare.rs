@@ -2,9 +2,10 @@
 //! the same bundle, the same tensors and the same thread count, in one run.
 //!
 //!     cargo bench --bench compare -- [--model DIR]... [--ort PYTHON] [--max-batch N]
-//!         [--messages FILE] [--json FILE]
+//!         [--messages FILE] [--json FILE] [--int8 native,dequantize] [--no-daemon]
 //!
-//! Per model:
+//! Per model, and per int8 path (`--int8`, a comma list; default `native,dequantize`,
+//! both in this one process so their ratio is free of run-to-run noise):
 //! - engine: tract on fixed shapes (1×16, 1×64, 1×128, 8×64; real Spanish tokens,
 //!   cut from `benches/messages-es.txt`), median of repeated runs, one thread;
 //! - messages: the 40 ParlaMint paragraphs of `benches/messages-es.txt` (8–350 words)
@@ -12,9 +13,11 @@
 //! - onnxruntime (with `--ort PYTHON`, a Python with `onnxruntime` and `numpy`, e.g.
 //!   the pinned `models/requirements.txt`): the bare model on exactly the tensors
 //!   the engine ran, 1 intra-op thread, via `benches/ort_bench.py`;
-//! - daemon: the same messages over MQTT loopback (Mosquitto, as in the tests) with
-//!   1 and 2 workers, messages/s from first publish to last answer, and the daemon's
-//!   peak RSS at load and under load.
+//! - daemon (`--no-daemon` skips it): the same messages over MQTT loopback
+//!   (Mosquitto, as in the tests) with 1 worker for every int8 path and 2 workers
+//!   for the first, messages/s from first publish to last answer, and the daemon's
+//!   RSS once loaded and its peaks at load and under load: memory per path, each in
+//!   its own process.
 //!
 //! Ratios are within this run only. Timings from a shared or throttled machine are
 //! noisy: compare ratios, rerun, and say which CPU (`lscpu`) gave them.
@@ -26,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anotador::engine::{Batch, EngineState};
+use anotador::engine::{Batch, EngineState, Int8Path, Rewrites};
 use anotador::tasks::batch::{annotate_batch, Item};
 use anotador::{Annotator, Bundle, TaskOptions};
 use common::*;
@@ -58,6 +61,13 @@ fn main() {
     let max_batch: usize = flag("--max-batch")
         .pop()
         .map_or(8, |n| n.parse().expect("--max-batch N"));
+    let paths: Vec<Int8Path> = flag("--int8")
+        .pop()
+        .unwrap_or_else(|| "native,dequantize".into())
+        .split(',')
+        .map(|p| p.parse().expect("--int8 auto|native|dequantize[,…]"))
+        .collect();
+    let daemon = !args.iter().any(|a| a == "--no-daemon");
     let messages_file = flag("--messages")
         .pop()
         .map_or_else(|| root.join("benches/messages-es.txt"), PathBuf::from);
@@ -72,7 +82,14 @@ fn main() {
     for model in &models {
         let model = std::fs::canonicalize(model).unwrap();
         println!("\n## {}", model.display());
-        report.push(bench_model(&model, &messages, ort.as_deref(), max_batch));
+        report.push(bench_model(
+            &model,
+            &messages,
+            ort.as_deref(),
+            max_batch,
+            &paths,
+            daemon,
+        ));
     }
     if let Some(path) = json_out {
         std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
@@ -112,8 +129,22 @@ fn batch_json(b: &Batch) -> Value {
     })
 }
 
-fn bench_model(model: &Path, messages: &[String], ort: Option<&str>, max_batch: usize) -> Value {
-    let bundle = Arc::new(Bundle::load(model).unwrap());
+/// One int8 path's engine figures.
+struct EngineRun {
+    path: Int8Path,
+    int8_path: &'static str,
+    packed_mib: f64,
+    shapes: Vec<(String, Batch, f64)>,
+    message_batches: Vec<Vec<Batch>>,
+    msgs_per_s: f64,
+    batched_msgs_per_s: f64,
+    two_threads_msgs_per_s: f64,
+    message_ms_median: f64,
+}
+
+fn bench_engine(model: &Path, messages: &[String], max_batch: usize, path: Int8Path) -> EngineRun {
+    let bundle = Arc::new(Bundle::load_with(model, Rewrites::for_path(path)).unwrap());
+    let info = bundle.engine.info().clone();
     let max = bundle.config.max_length;
     let mut state = bundle.engine.state().unwrap();
     // Real tokens for the fixed shapes: windows of the longest paragraphs.
@@ -166,7 +197,7 @@ fn bench_model(model: &Path, messages: &[String], ort: Option<&str>, max_batch: 
         }
         pass_totals.push(started.elapsed().as_secs_f64());
     }
-    let engine_msgs_per_s = messages.len() as f64 / median(pass_totals);
+    let msgs_per_s = messages.len() as f64 / median(pass_totals);
     // The same messages as micro-batches of `max_batch` (what the daemon's workers do
     // with a queue), through the same engine state.
     let mut batch_totals = Vec::new();
@@ -210,8 +241,34 @@ fn bench_model(model: &Path, messages: &[String], ort: Option<&str>, max_batch: 
         });
         pair_totals.push(started.elapsed().as_secs_f64());
     }
-    let engine2_msgs_per_s = 2.0 * messages.len() as f64 / median(pair_totals);
-    let message_ms: Vec<f64> = per_message.into_iter().map(median).collect();
+    let two_threads_msgs_per_s = 2.0 * messages.len() as f64 / median(pair_totals);
+    EngineRun {
+        path,
+        int8_path: info.int8_path,
+        packed_mib: info.rewrites.packed_weight_bytes as f64 / 1048576.0,
+        shapes,
+        message_batches,
+        msgs_per_s,
+        batched_msgs_per_s,
+        two_threads_msgs_per_s,
+        message_ms_median: median(per_message.into_iter().map(median).collect()),
+    }
+}
+
+fn bench_model(
+    model: &Path,
+    messages: &[String],
+    ort: Option<&str>,
+    max_batch: usize,
+    paths: &[Int8Path],
+    daemon: bool,
+) -> Value {
+    let runs: Vec<EngineRun> = paths
+        .iter()
+        .map(|&p| bench_engine(model, messages, max_batch, p))
+        .collect();
+    // Every path ran the same windows: onnxruntime gets the first one's tensors.
+    let (shapes, message_batches) = (&runs[0].shapes, &runs[0].message_batches);
     let windows_total: usize = message_batches
         .iter()
         .map(|bs| bs.iter().map(|b| b.rows).sum::<usize>())
@@ -245,68 +302,119 @@ fn bench_model(model: &Path, messages: &[String], ort: Option<&str>, max_batch: 
         serde_json::from_slice::<Value>(&out.stdout).unwrap()
     });
 
-    let daemon1 = daemon_throughput(model, messages, 1, max_batch);
-    let daemon2 = daemon_throughput(model, messages, 2, max_batch);
+    let daemons: Vec<DaemonRun> = if daemon {
+        paths
+            .iter()
+            .map(|&p| daemon_throughput(model, messages, 1, max_batch, p))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let daemon2 = daemon.then(|| daemon_throughput(model, messages, 2, max_batch, paths[0]));
 
-    // The table.
-    println!("| input | anotador engine ms | onnxruntime ms | ratio (anotador / ort) |");
-    println!("|---|---|---|---|");
-    let mut shape_rows = Vec::new();
-    for (name, _, ms) in &shapes {
-        let o = ort_result
-            .as_ref()
-            .and_then(|r| r["shapes"][name.as_str()].as_f64());
-        println!(
-            "| {name} | {ms:.2} | {} | {} |",
-            o.map_or("–".into(), |o| format!("{o:.2}")),
-            o.map_or("–".into(), |o| format!("{:.2}", ms / o))
-        );
-        shape_rows.push(json!({"shape": name, "anotador_ms": ms, "ort_ms": o}));
-    }
+    // The table: one column per int8 path, ratios to onnxruntime.
+    let ort_ms = |name: &str| ort_result.as_ref().and_then(|r| r["shapes"][name].as_f64());
     let ort_msgs = ort_result
         .as_ref()
         .and_then(|r| r["messages_per_s"].as_f64());
-    println!(
-        "| {} messages ({windows_total} windows), msg/s | {engine_msgs_per_s:.1} (whole task path) | {} (bare model) | {} |",
+    let ratio = |x: Option<f64>| x.map_or("–".into(), |r| format!("{r:.2}"));
+    print!("| input | onnxruntime int8 |");
+    for r in &runs {
+        print!(
+            " anotador {} ({}) | ratio |",
+            r.int8_path,
+            r.packed_mib_label()
+        );
+    }
+    println!();
+    println!("|---|---|{}", "---|---|".repeat(runs.len()));
+    for (ix, (name, _, _)) in shapes.iter().enumerate() {
+        let o = ort_ms(name);
+        print!(
+            "| {name} ms | {} |",
+            o.map_or("–".into(), |o| format!("{o:.2}"))
+        );
+        for r in &runs {
+            let ms = r.shapes[ix].2;
+            print!(" {ms:.2} | {} |", ratio(o.map(|o| ms / o)));
+        }
+        println!();
+    }
+    print!(
+        "| {} messages ({windows_total} windows), msg/s | {} (bare model) |",
         messages.len(),
-        ort_msgs.map_or("–".into(), |o| format!("{o:.1}")),
-        ort_msgs.map_or("–".into(), |o| format!("{:.2}", o / engine_msgs_per_s))
+        ort_msgs.map_or("–".into(), |o| format!("{o:.1}"))
     );
-    println!(
-        "micro-batches of {max_batch}: {batched_msgs_per_s:.1} msg/s = {:.2} × one by one",
-        batched_msgs_per_s / engine_msgs_per_s
-    );
-    println!(
-        "engine only, 2 threads: {engine2_msgs_per_s:.1} msg/s = {:.2} × 1 thread",
-        engine2_msgs_per_s / engine_msgs_per_s
-    );
-    println!(
-        "daemon over MQTT, 1 worker: {:.1} msg/s = {:.2} × engine-only; 2 workers: {:.1} msg/s = {:.2} × 1 worker",
-        daemon1.msgs_per_s,
-        daemon1.msgs_per_s / engine_msgs_per_s,
-        daemon2.msgs_per_s,
-        daemon2.msgs_per_s / daemon1.msgs_per_s
-    );
-    println!(
-        "daemon RSS: {:.1} MiB loaded, peak {:.1} at load, {:.1} under load (1 worker); {:.1} / {:.1} / {:.1} MiB (2 workers)",
-        daemon1.load_rss_mib, daemon1.load_peak_mib, daemon1.run_peak_mib,
-        daemon2.load_rss_mib, daemon2.load_peak_mib, daemon2.run_peak_mib
-    );
+    for r in &runs {
+        print!(
+            " {:.1} (whole task path) | {} |",
+            r.msgs_per_s,
+            ratio(ort_msgs.map(|o| o / r.msgs_per_s))
+        );
+    }
+    println!();
+    for r in &runs {
+        println!(
+            "{}: micro-batches of {max_batch}: {:.1} msg/s = {:.2} × one by one; 2 threads: {:.1} msg/s = {:.2} × 1 thread",
+            r.int8_path,
+            r.batched_msgs_per_s,
+            r.batched_msgs_per_s / r.msgs_per_s,
+            r.two_threads_msgs_per_s,
+            r.two_threads_msgs_per_s / r.msgs_per_s,
+        );
+    }
+    for (r, d) in runs.iter().zip(&daemons) {
+        println!(
+            "daemon ({}) over MQTT, 1 worker: {:.1} msg/s = {:.2} × engine-only; RSS {:.1} MiB loaded, peak {:.1} at load, {:.1} under load",
+            r.int8_path,
+            d.msgs_per_s,
+            d.msgs_per_s / r.msgs_per_s,
+            d.load_rss_mib,
+            d.load_peak_mib,
+            d.run_peak_mib
+        );
+    }
+    if let (Some(d1), Some(d2)) = (daemons.first(), &daemon2) {
+        println!(
+            "daemon ({}), 2 workers: {:.1} msg/s = {:.2} × 1 worker; RSS {:.1} MiB loaded, peak {:.1} at load, {:.1} under load",
+            runs[0].int8_path,
+            d2.msgs_per_s,
+            d2.msgs_per_s / d1.msgs_per_s,
+            d2.load_rss_mib,
+            d2.load_peak_mib,
+            d2.run_peak_mib
+        );
+    }
     json!({
         "model": model,
         "cpu": cpu_name(),
-        "shapes": shape_rows,
         "messages": messages.len(),
         "windows": windows_total,
-        "engine_messages_per_s": engine_msgs_per_s,
         "max_batch": max_batch,
-        "engine_batched_messages_per_s": batched_msgs_per_s,
-        "engine_2_threads_messages_per_s": engine2_msgs_per_s,
-        "message_ms_median": median(message_ms),
         "ort": ort_result,
-        "daemon_1_worker": daemon1.json(),
-        "daemon_2_workers": daemon2.json(),
+        "paths": runs.iter().map(|r| json!({
+            "int8": format!("{:?}", r.path).to_lowercase(),
+            "int8_path": r.int8_path,
+            "packed_weight_mib": r.packed_mib,
+            "shapes": r.shapes.iter().map(|(name, _, ms)| json!({"shape": name, "anotador_ms": ms, "ort_ms": ort_ms(name)})).collect::<Vec<_>>(),
+            "engine_messages_per_s": r.msgs_per_s,
+            "engine_batched_messages_per_s": r.batched_msgs_per_s,
+            "engine_2_threads_messages_per_s": r.two_threads_msgs_per_s,
+            "message_ms_median": r.message_ms_median,
+        })).collect::<Vec<_>>(),
+        "daemon_1_worker": daemons.iter().map(DaemonRun::json).collect::<Vec<_>>(),
+        "daemon_2_workers": daemon2.as_ref().map(DaemonRun::json),
     })
+}
+
+impl EngineRun {
+    fn packed_mib_label(&self) -> String {
+        if self.packed_mib > 0.0 {
+            format!("{:.1} MiB int8 weights", self.packed_mib)
+        } else {
+            "fp32 weights".into()
+        }
+    }
 }
 
 struct DaemonRun {
@@ -328,6 +436,7 @@ fn daemon_throughput(
     messages: &[String],
     workers: usize,
     max_batch: usize,
+    int8: Int8Path,
 ) -> DaemonRun {
     let total = messages.len() * DAEMON_ROUNDS;
     let broker = start_broker_with(&format!("max_queued_messages {}\n", total * 2));
@@ -336,7 +445,10 @@ fn daemon_throughput(
         &dir,
         broker.port,
         &model.display().to_string(),
-        &format!("workers = {workers}\nmax_batch = {max_batch}"),
+        &format!(
+            "workers = {workers}\nmax_batch = {max_batch}\nint8 = \"{}\"",
+            format!("{int8:?}").to_lowercase()
+        ),
     );
     let device = Device::connect(broker.port, "bench-device");
     std::thread::sleep(Duration::from_millis(300));

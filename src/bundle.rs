@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::engine::{Engine, OutputKind};
+use crate::engine::{Engine, Int8Path, OutputKind, Rewrites};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
@@ -134,7 +134,12 @@ impl std::fmt::Debug for Bundle {
 
 impl Bundle {
     /// Reads and checks every file, then loads the engine.
+    /// Loads with this CPU's choice of int8 path (`auto`).
     pub fn load(dir: impl AsRef<Path>) -> Result<Bundle> {
+        Bundle::load_with(dir, Rewrites::for_path(Int8Path::Auto))
+    }
+
+    pub fn load_with(dir: impl AsRef<Path>, rewrites: Rewrites) -> Result<Bundle> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
             return Err(Error::bundle(dir, "(folder)", "is not a folder"));
@@ -157,7 +162,7 @@ impl Bundle {
             .map_err(|e| Error::bundle(dir, TOKENIZER, e.to_string()))?;
         tokenizer.with_padding(None);
 
-        let engine = Engine::load(dir)?;
+        let engine = Engine::load_with(dir, rewrites)?;
         // The proto, the dequantized weights and tract's unpacked copy are gone now.
         crate::memory::trim();
         let info = engine.info();

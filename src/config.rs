@@ -160,6 +160,9 @@ pub struct ModelConfig {
     /// only what is already queued (no added latency when the daemon is idle).
     #[serde(default)]
     pub batch_wait_ms: u64,
+    /// How the int8 weights run: `auto`, `native` or `dequantize` (see README).
+    #[serde(default)]
+    pub int8: crate::engine::Int8Path,
 }
 
 fn one() -> usize {

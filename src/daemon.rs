@@ -109,7 +109,10 @@ pub fn load(config: &Config) -> crate::Result<(BTreeMap<String, Arc<Bundle>>, Ve
         if let Some(expected) = &m.sha256 {
             crate::bundle::verify_sha256(&m.path, expected)?;
         }
-        let bundle = Arc::new(Bundle::load(&m.path)?);
+        let bundle = Arc::new(Bundle::load_with(
+            &m.path,
+            crate::engine::Rewrites::for_path(m.int8),
+        )?);
         log::info!(
             "model {name}: {} ({}, {} labels) loaded in {:.2} s, int8 path: {}",
             m.path.display(),

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anotador::engine::{Batch, Engine, Rewrites};
+use anotador::engine::{ActivationRange, Batch, Engine, Int8Path, Int8Rewrite, Rewrites};
 use anotador::Bundle;
 
 fn fixture(name: &str) -> PathBuf {
@@ -63,7 +63,8 @@ fn max_delta(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn gelu_fusion_keeps_outputs_and_happens() {
     let dir = fixture("albert-token");
-    let fused = Engine::load(&dir).unwrap();
+    // On the dequantized path, so that only the GELU differs between the two.
+    let fused = load(&dir, Int8Rewrite::Dequantize);
     assert_eq!(
         fused.info().rewrites.gelu_fused,
         2,
@@ -73,6 +74,7 @@ fn gelu_fusion_keeps_outputs_and_happens() {
         &dir,
         Rewrites {
             fuse_gelu: false,
+            int8: Int8Rewrite::Dequantize,
             ..Rewrites::default()
         },
     )
@@ -83,31 +85,96 @@ fn gelu_fusion_keeps_outputs_and_happens() {
     assert!(d < 1e-4, "fused GELU changed logits by {d}");
 }
 
+fn load(dir: &Path, int8: Int8Rewrite) -> Engine {
+    Engine::load_with(
+        dir,
+        Rewrites {
+            int8,
+            ..Rewrites::default()
+        },
+    )
+    .unwrap()
+}
+
+/// The three ways to run the int8 weights give close logits, and the fused int8
+/// node with onnxruntime's per-tensor range computes what tract's own
+/// `DynamicQuantizeLinear → MatMulInteger` chain computes.
+/// Every layer norm becomes one op, the residual adds before them go into it, and
+/// the logits stay those of tract's own decomposition.
 #[test]
-fn dequantized_weights_match_native_int8_closely() {
+fn layer_norm_fusion_keeps_outputs_and_happens() {
     for name in ["albert-token", "bert-token", "distilbert-seq"] {
         let dir = fixture(name);
-        let deq = Engine::load(&dir).unwrap();
+        let fused = load(&dir, Int8Rewrite::Dequantize);
+        let report = &fused.info().rewrites;
+        let plain = Engine::load_with(
+            &dir,
+            Rewrites {
+                fuse_layer_norm: false,
+                int8: Int8Rewrite::Dequantize,
+                ..Rewrites::default()
+            },
+        )
+        .unwrap();
+        // Embeddings, then two per layer (after attention, after the feed-forward).
+        assert!(report.layer_norm_fused >= 5, "{name}: {report:?}");
+        assert!(
+            report.residual_add_fused + 1 >= report.layer_norm_fused,
+            "{name}: every residual add but at most the embeddings' folded: {report:?}"
+        );
+        let a = fused.state().unwrap().run(&batch()).unwrap();
+        let b = plain.state().unwrap().run(&batch()).unwrap();
+        let d = max_delta(&a.values, &b.values);
+        assert!(d < 1e-4, "{name}: fused layer norm changed logits by {d}");
+    }
+}
+
+#[test]
+fn int8_paths_agree() {
+    for name in ["albert-token", "bert-token", "distilbert-seq"] {
+        let dir = fixture(name);
+        let deq = load(&dir, Int8Rewrite::Dequantize);
         let info = &deq.info().rewrites;
         assert_eq!(
             info.matmul_integer_dequantized, info.matmul_integer_total,
             "{name}: every MatMulInteger rewritten"
         );
         assert!(info.matmul_integer_total > 0);
-        let native = Engine::load_with(
+        assert_eq!(deq.info().int8_path, "dequantized-at-load");
+
+        let native = Engine::load_int8(&dir, Int8Path::Native).unwrap();
+        let info = &native.info().rewrites;
+        assert_eq!(
+            info.matmul_integer_fused, info.matmul_integer_total,
+            "{name}"
+        );
+        assert_eq!(
+            info.bias_fused, info.matmul_integer_total,
+            "{name}: every bias add folded"
+        );
+        assert_eq!(native.info().int8_path, "native-int8");
+
+        let tract = load(&dir, Int8Rewrite::Keep);
+        assert_eq!(tract.info().int8_path, "tract-matmul-integer");
+        let per_tensor = load(
             &dir,
-            Rewrites {
-                dequantize: false,
-                ..Rewrites::default()
+            Int8Rewrite::Fused {
+                kernel: anotador::engine::qmatmul::KernelKind::Linalg,
+                range: ActivationRange::Tensor,
             },
-        )
-        .unwrap();
-        assert_eq!(native.info().int8_path, "mixed-native-int8");
-        let a = deq.state().unwrap().run(&batch()).unwrap();
-        let b = native.state().unwrap().run(&batch()).unwrap();
-        // The native path also quantizes activations: close, not identical.
-        let d = max_delta(&a.values, &b.values);
+        );
+
+        let run = |e: &Engine| e.state().unwrap().run(&batch()).unwrap().values;
+        let (deq, native, tract, per_tensor) =
+            (run(&deq), run(&native), run(&tract), run(&per_tensor));
+        // Quantizing activations moves logits a little; per row less than per tensor.
+        let d = max_delta(&deq, &native);
         assert!(d < 1.0, "{name}: dequantized vs native int8 differ by {d}");
+        let d = max_delta(&per_tensor, &tract);
+        assert!(
+            d < 1e-3,
+            "{name}: fused per-tensor int8 vs tract's MatMulInteger differ by {d}"
+        );
     }
 }
 

@@ -231,6 +231,10 @@ fn postprocessing_reproduces_pipeline_from_fp32_logits() {
     assert_eq!(checked, 36);
 }
 
+/// Start and end logits of every window close to fp32 (no further than onnxruntime
+/// int8's own), argmax equal to fp32's except between positions fp32 itself
+/// separates by less than int8 noise: the random twins have near-tied positions,
+/// and onnxruntime int8 flips the same ones (see the answers test below).
 #[test]
 fn tract_int8_logits_agree_with_fp32() {
     for name in FIXTURES {
@@ -241,7 +245,7 @@ fn tract_int8_logits_agree_with_fp32() {
             .as_f64()
             .unwrap()
             .max(g.parity["max_abs_dend_logit_int8"].as_f64().unwrap()) as f32;
-        let (mut delta, mut argmax_checks) = (0f32, 0);
+        let (mut delta, mut argmax_checks, mut flips) = (0f32, 0, 0);
         for case in &g.cases {
             let a = fixture.annotator(&case.params);
             let (windows, logits) = a
@@ -253,19 +257,35 @@ fn tract_int8_logits_agree_with_fp32() {
                     .into_iter()
                     .enumerate()
                 {
-                    let ours: Vec<f32> = (0..recorded.len())
-                        .map(|t| logits.at(row, t)[col])
-                        .collect();
+                    // The window's own tokens: the engine leaves the batch's padding
+                    // uncomputed, and the task never reads it.
+                    let n = windows[row].ids.len();
+                    let recorded = &recorded[..n];
+                    let ours: Vec<f32> = (0..n).map(|t| logits.at(row, t)[col]).collect();
                     for (o, r) in ours.iter().zip(recorded) {
                         delta = delta.max((o - r).abs());
                     }
                     let argmax = anotador::tasks::token::argmax;
-                    assert_eq!(argmax(&ours), argmax(recorded), "{name}: argmax");
+                    let (a, b) = (argmax(&ours), argmax(recorded));
+                    if a != b {
+                        // A flip is only acceptable between near-tied positions: ones
+                        // fp32 itself separates by less than int8 noise.
+                        let margin = (recorded[a] - recorded[b]).abs();
+                        assert!(
+                            margin < ort,
+                            "{name}: argmax {a} instead of {b}, fp32 margin {margin} ≥ {ort}"
+                        );
+                        flips += 1;
+                    }
                     argmax_checks += 1;
                 }
             }
         }
-        println!("{name}: max |Δlogit| vs torch fp32: tract int8 {delta:.4}, onnxruntime int8 {ort:.4}; {argmax_checks} argmax checks");
+        println!("{name}: max |Δlogit| vs torch fp32: tract int8 {delta:.4}, onnxruntime int8 {ort:.4}; {argmax_checks} argmax checks, {flips} near-tie flips");
+        assert!(
+            flips * 20 <= argmax_checks,
+            "{name}: {flips} argmax flips in {argmax_checks}"
+        );
         assert!(delta <= ort, "{name}: {delta} > onnxruntime int8's {ort}");
     }
 }

@@ -4,6 +4,8 @@
 //!
 //! The engine knows tensors, not tasks: it takes token ids and returns logits.
 
+mod layer_norm;
+pub mod qmatmul;
 mod rewrite;
 
 use std::path::Path;
@@ -13,7 +15,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::SimpleState;
 use tract_onnx::tract_hir::infer::InferenceFact;
 
-pub use rewrite::{RewriteReport, Rewrites};
+pub use qmatmul::{ActivationRange, KernelKind};
+pub use rewrite::{Int8Rewrite, RewriteReport, Rewrites};
 
 use crate::error::{Error, Result};
 
@@ -86,8 +89,82 @@ pub struct EngineInfo {
     pub labels: usize,
     pub has_token_type_ids: bool,
     pub rewrites: RewriteReport,
-    /// Which kernel path runs the int8 weights.
+    /// Which kernel path runs the int8 weights: `native-int8`,
+    /// `dequantized-at-load`, `mixed`, `tract-matmul-integer` (rewrite off) or
+    /// `fp32` (no quantized matmul).
     pub int8_path: &'static str,
+}
+
+/// How a model's int8 weights run (`models.NAME.int8`, `--int8`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Int8Path {
+    /// Native where this CPU has an int8 kernel that beats fp32, else dequantized.
+    #[default]
+    Auto,
+    /// Int8 weights and int8 kernels: a quarter of the weight memory.
+    Native,
+    /// Weights expanded to fp32 at load, fp32 kernels.
+    Dequantize,
+}
+
+impl std::str::FromStr for Int8Path {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Int8Path, String> {
+        match s {
+            "auto" => Ok(Int8Path::Auto),
+            "native" => Ok(Int8Path::Native),
+            "dequantize" => Ok(Int8Path::Dequantize),
+            other => Err(format!("`{other}`: expected auto, native or dequantize")),
+        }
+    }
+}
+
+impl Int8Path {
+    /// The rewrite this choice means on this CPU.
+    pub fn rewrite(self) -> Int8Rewrite {
+        let native = Int8Rewrite::Fused {
+            kernel: native_kernel(),
+            range: ActivationRange::Row,
+        };
+        match self {
+            Int8Path::Native => native,
+            Int8Path::Dequantize => Int8Rewrite::Dequantize,
+            Int8Path::Auto if int8_beats_fp32() => native,
+            Int8Path::Auto => Int8Rewrite::Dequantize,
+        }
+    }
+}
+
+/// The int8 kernel for this CPU: ours on x86 with AVX2 but no VNNI/AMX (tract's
+/// AVX2 int8 kernel is slower than its f32 one there), tract-linalg's elsewhere.
+pub fn native_kernel() -> KernelKind {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // Every AMX CPU also has AVX-512 VNNI (and AMX detection is unstable in std).
+        let vnni = std::arch::is_x86_feature_detected!("avx512vnni")
+            || std::arch::is_x86_feature_detected!("avxvnni");
+        if !vnni && std::arch::is_x86_feature_detected!("avx2") {
+            return KernelKind::Avx2;
+        }
+    }
+    KernelKind::Linalg
+}
+
+/// Whether `auto` goes native: wherever an int8 kernel is known to beat fp32
+/// (see the README's table). x86 needs AVX2 at least (without it, tract's
+/// int8 kernel is the 128-bit one, slower than fp32). ARM always: SDOT
+/// (ARMv8.2, the Pi 5) and SMLAL (the Pi 3/4, armv7 NEON) kernels do 2–4× the
+/// multiply-adds per instruction of fp32, and small boards need the memory.
+pub fn int8_beats_fp32() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        true
+    }
 }
 
 pub struct Engine {
@@ -108,14 +185,21 @@ impl Engine {
     /// Loads, rewrites and optimises `dir/model.onnx`. Every failure names the file
     /// and the problem: a bundle that loads is a bundle that runs.
     pub fn load(dir: &Path) -> Result<Engine> {
-        Engine::load_with(dir, Rewrites::default())
+        Engine::load_int8(dir, Int8Path::Auto)
+    }
+
+    pub fn load_int8(dir: &Path, int8: Int8Path) -> Result<Engine> {
+        Engine::load_with(dir, Rewrites::for_path(int8))
     }
 
     pub fn load_with(dir: &Path, which: Rewrites) -> Result<Engine> {
         let path = dir.join(FILE);
         let bad = |problem: String| Error::bundle(dir, FILE, problem);
         let bytes = std::fs::read(&path).map_err(|e| bad(format!("cannot read: {e}")))?;
-        let onnx = tract_onnx::onnx().with_ignore_value_info(true);
+        let mut onnx = tract_onnx::onnx().with_ignore_value_info(true);
+        onnx.op_register.insert(qmatmul::ONNX_OP, qmatmul::parse);
+        onnx.op_register
+            .insert(layer_norm::ONNX_OP, layer_norm::parse);
         let mut proto = onnx
             .proto_model_for_read(&mut bytes.as_slice())
             .map_err(|e| {
@@ -165,28 +249,49 @@ impl Engine {
         let output_ix = |name: &str| graph.output.iter().position(|o| o.name == name);
         let span_outputs = output_ix("start_logits").zip(output_ix("end_logits"));
 
-        let rewrites = rewrite::rewrite(graph, which);
+        // Packed int8 weights wait here for tract's parser; the guard drops the
+        // registry's references when the load ends, the nodes keep theirs.
+        let mut registry = qmatmul::Registry::hold();
+        let rewrites = rewrite::rewrite(graph, which, &mut registry);
         log::info!(
-            "{}: dequantized {}/{} MatMulInteger ({} weights), fused {} tanh-GELU",
+            "{}: {}/{} MatMulInteger int8 ({} weights, {:.1} MiB packed, kernels {:?}), {} dequantized ({} weights), fused {} tanh-GELU ({} into the matmul before), {} layer norms ({} with their residual add)",
             path.display(),
-            rewrites.matmul_integer_dequantized,
+            rewrites.matmul_integer_fused,
             rewrites.matmul_integer_total,
+            rewrites.weights_packed,
+            rewrites.packed_weight_bytes as f64 / (1 << 20) as f64,
+            rewrites.int8_kernels,
+            rewrites.matmul_integer_dequantized,
             rewrites.weights_dequantized,
-            rewrites.gelu_fused
+            rewrites.gelu_fused,
+            rewrites.gelu_into_matmul,
+            rewrites.layer_norm_fused,
+            rewrites.residual_add_fused
         );
 
         let mut model = onnx
             .model_for_proto_model(&proto)
             .map_err(|e| bad(format!("tract cannot parse the graph: {e:#}")))?;
         drop(proto);
-        // Symbolic batch and sequence: one plan serves every window size.
-        let batch = model.symbols.sym("B");
+        drop(registry);
+        // One window per run, of symbolic length: one plan serves every window.
+        // With a batch axis of 1 tract can prove the shapes it needs to fold the
+        // attention heads' reshapes and transposes into views and to move the
+        // residual adds to its vectorised kernels (`S >= 1` says the tensor is not
+        // empty); with a symbolic batch both stay generic copies and broadcasts,
+        // and one 64-token window of the default model took 20–25 % longer. Batching
+        // windows bought nothing besides: the int8 matmuls are as fast row by row
+        // (README: the speed section).
         let seq = model.symbols.sym("S");
+        model
+            .symbols
+            .add_assertion("S >= 1")
+            .map_err(|e| bad(format!("{e:#}")))?;
         for ix in 0..inputs.len() {
             model
                 .set_input_fact(
                     ix,
-                    InferenceFact::dt_shape(i64::datum_type(), [batch.to_dim(), seq.to_dim()]),
+                    InferenceFact::dt_shape(i64::datum_type(), [1.to_dim(), seq.to_dim()]),
                 )
                 .map_err(|e| bad(format!("cannot set input shape: {e:#}")))?;
         }
@@ -208,6 +313,14 @@ impl Engine {
                 "tract cannot run this graph (unsupported op or shape?): {e:#}"
             ))
         })?;
+        if log::log_enabled!(log::Level::Debug) {
+            // What tract kept generic is where speed is lost: the op census says it.
+            let mut census = std::collections::BTreeMap::<String, usize>::new();
+            for node in typed.nodes() {
+                *census.entry(node.op.name().to_string()).or_default() += 1;
+            }
+            log::debug!("{}: optimised graph ops {census:?}", path.display());
+        }
         let fact = typed
             .output_fact(0)
             .map_err(|e| bad(e.to_string()))?
@@ -235,10 +348,14 @@ impl Engine {
         }
         let int8_path = if rewrites.matmul_integer_total == 0 {
             "fp32"
+        } else if rewrites.matmul_integer_fused == rewrites.matmul_integer_total {
+            "native-int8"
         } else if rewrites.matmul_integer_dequantized == rewrites.matmul_integer_total {
             "dequantized-at-load"
+        } else if rewrites.matmul_integer_fused + rewrites.matmul_integer_dequantized == 0 {
+            "tract-matmul-integer"
         } else {
-            "mixed-native-int8"
+            "mixed"
         };
         let plan = typed
             .into_runnable()
@@ -278,83 +395,111 @@ pub struct EngineState {
 }
 
 impl EngineState {
+    /// Runs every row of the batch, one window at a time (see [`Engine::load_with`]
+    /// for why), each cut to its real length: right padding costs nothing, and
+    /// the logits of padded positions are 0.
     pub fn run(&mut self, batch: &Batch) -> Result<Logits> {
-        let shape = [batch.rows, batch.seq_len];
+        let (rows, seq) = (batch.rows, batch.seq_len);
+        let per_pos = match self.info.output {
+            OutputKind::PerToken => self.info.labels,
+            OutputKind::Span => 2,
+            OutputKind::PerSequence => 0,
+        };
+        let width = if per_pos == 0 {
+            self.info.labels
+        } else {
+            seq * per_pos
+        };
+        let mut values = vec![0f32; rows * width];
+        for row in 0..rows {
+            let at = row * seq..(row + 1) * seq;
+            let mask = &batch.attention_mask[at.clone()];
+            let real = mask.iter().take_while(|&&m| m != 0).count();
+            // Trimmed only when the padding is all at the end.
+            let len = if mask[real..].iter().all(|&m| m == 0) && real > 0 {
+                real
+            } else {
+                seq
+            };
+            let cut = at.start..at.start + len;
+            let out = self.run_one(
+                &batch.input_ids[cut.clone()],
+                &batch.attention_mask[cut.clone()],
+                &batch.token_type_ids[cut],
+            )?;
+            let dst = &mut values[row * width..(row + 1) * width];
+            let n = if per_pos == 0 { width } else { len * per_pos };
+            if out.len() != n {
+                return Err(Error::Inference(format!(
+                    "{} logits for a window of {len} tokens, expected {n}",
+                    out.len()
+                )));
+            }
+            dst[..n].copy_from_slice(&out);
+        }
+        Ok(Logits {
+            rows,
+            seq_len: if per_pos == 0 { 0 } else { seq },
+            labels: if per_pos == 0 {
+                self.info.labels
+            } else {
+                per_pos
+            },
+            values,
+        })
+    }
+
+    /// One window: logits `[len, labels]`, `[labels]` or `[len, 2]` (start, end).
+    fn run_one(&mut self, ids: &[i64], mask: &[i64], types: &[i64]) -> Result<Vec<f32>> {
+        let len = ids.len();
         let tensor = |data: &[i64]| -> Result<TValue> {
-            Ok(tract_ndarray::Array2::from_shape_vec(shape, data.to_vec())
-                .map_err(|e| Error::Inference(e.to_string()))?
-                .into_tensor()
-                .into())
+            Ok(
+                tract_ndarray::Array2::from_shape_vec([1, len], data.to_vec())
+                    .map_err(|e| Error::Inference(e.to_string()))?
+                    .into_tensor()
+                    .into(),
+            )
         };
         let mut inputs = TVec::new();
         for input in &self.inputs {
             inputs.push(match input {
-                Input::InputIds => tensor(&batch.input_ids)?,
-                Input::AttentionMask => tensor(&batch.attention_mask)?,
-                Input::TokenTypeIds => tensor(&batch.token_type_ids)?,
+                Input::InputIds => tensor(ids)?,
+                Input::AttentionMask => tensor(mask)?,
+                Input::TokenTypeIds => tensor(types)?,
             });
         }
         let outputs = self
             .state
             .run(inputs)
             .map_err(|e| Error::Inference(format!("{e:#}")))?;
-        if self.info.output == OutputKind::Span {
-            return span_logits(&outputs, batch);
-        }
-        let logits = outputs[0]
-            .to_plain_array_view::<f32>()
-            .map_err(|e| Error::Inference(e.to_string()))?;
-        let expected: Vec<usize> = match self.info.output {
-            OutputKind::PerToken => vec![batch.rows, batch.seq_len, self.info.labels],
-            OutputKind::PerSequence => vec![batch.rows, self.info.labels],
-            OutputKind::Span => unreachable!("handled above"),
+        let view = |ix: usize, expected: &[usize]| -> Result<tract_ndarray::ArrayViewD<'_, f32>> {
+            let v = outputs[ix]
+                .to_plain_array_view::<f32>()
+                .map_err(|e| Error::Inference(e.to_string()))?;
+            if v.shape() != expected {
+                return Err(Error::Inference(format!(
+                    "logits shape {:?}, expected {expected:?}",
+                    v.shape()
+                )));
+            }
+            Ok(v)
         };
-        if logits.shape() != expected.as_slice() {
-            return Err(Error::Inference(format!(
-                "logits shape {:?}, expected {:?}",
-                logits.shape(),
-                expected
-            )));
-        }
-        Ok(Logits {
-            rows: batch.rows,
-            seq_len: if self.info.output == OutputKind::PerToken {
-                batch.seq_len
-            } else {
-                0
-            },
-            labels: self.info.labels,
-            values: logits.iter().copied().collect(),
+        Ok(match self.info.output {
+            OutputKind::PerToken => view(0, &[1, len, self.info.labels])?
+                .iter()
+                .copied()
+                .collect(),
+            OutputKind::PerSequence => view(0, &[1, self.info.labels])?.iter().copied().collect(),
+            // Start and end logits interleaved as `[len, 2]`, so QA windows travel
+            // through the same batching and chunking as per-token logits.
+            OutputKind::Span => {
+                let (start, end) = (view(0, &[1, len])?, view(1, &[1, len])?);
+                start
+                    .iter()
+                    .zip(end.iter())
+                    .flat_map(|(s, e)| [*s, *e])
+                    .collect()
+            }
         })
     }
-}
-
-/// Start and end logits interleaved as `[rows, seq_len, 2]`, so QA windows travel
-/// through the same batching and chunking as per-token logits.
-fn span_logits(outputs: &[TValue], batch: &Batch) -> Result<Logits> {
-    let view = |ix: usize| -> Result<tract_ndarray::ArrayViewD<'_, f32>> {
-        let v = outputs[ix]
-            .to_plain_array_view::<f32>()
-            .map_err(|e| Error::Inference(e.to_string()))?;
-        if v.shape() != [batch.rows, batch.seq_len] {
-            return Err(Error::Inference(format!(
-                "span logits shape {:?}, expected {:?}",
-                v.shape(),
-                [batch.rows, batch.seq_len]
-            )));
-        }
-        Ok(v)
-    };
-    let (start, end) = (view(0)?, view(1)?);
-    let mut values = Vec::with_capacity(2 * start.len());
-    for (s, e) in start.iter().zip(end.iter()) {
-        values.push(*s);
-        values.push(*e);
-    }
-    Ok(Logits {
-        rows: batch.rows,
-        seq_len: batch.seq_len,
-        labels: 2,
-        values,
-    })
 }

@@ -4,14 +4,17 @@
 //! benefits, whoever made it (our export tool, optimum, onnxruntime's own
 //! quantizer run by hand).
 //!
-//! 1. `dequantize_matmul_integer`: tract's native `MatMulInteger` path is 20–40×
-//!    slower than fp32 on x86 CPUs without VNNI (it widens i8 to i16 per element).
-//!    Each `DynamicQuantizeLinear → MatMulInteger → Cast → Mul` chain over a
-//!    constant int8 weight becomes `MatMul(x, (Wq − zp)·scale)`. The bundle stays
-//!    int8 on disk (small copy to the device); the expanded weight costs the same
-//!    RAM as an fp32 model but runs fp32 kernels, and its logits are closer to the
-//!    fp32 model than onnxruntime's own int8 path (no activation quantization).
-//!    A weight shared by several nodes (ALBERT's shared layers) is expanded once.
+//! 1. Quantized matmuls. Each `DynamicQuantizeLinear → MatMulInteger → Cast → Mul
+//!    (→ Add bias)` chain over a constant int8 weight becomes, by [`Int8Rewrite`]:
+//!    - `Fused`: one [`QMatMul`](super::qmatmul) node that keeps the weight int8,
+//!      packed once for an int8 kernel (a quarter of the fp32 memory);
+//!    - `Dequantize`: `MatMul(x, (Wq − zp)·scale)` on tract's fp32 kernels, for
+//!      CPUs where no int8 kernel beats them. Logits are closer to the fp32 model
+//!      than onnxruntime's int8 path (no activation quantization), and RAM is that
+//!      of an fp32 model.
+//!    - `Keep`: tract's own `MatMulInteger` (20–40× slower than fp32 on x86
+//!      without VNNI: it widens i8 to i16 per element); for comparisons only.
+//!    A weight shared by several nodes (ALBERT's shared layers) is converted once.
 //! 2. `fuse_tanh_gelu`: tract 0.23 leaves the exported tanh-GELU of ALBERT
 //!    (`0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`) as eight element-wise ops with
 //!    a scalar `powf`; one `Gelu(approximate="tanh")` node runs a fused kernel.
@@ -20,9 +23,14 @@
 
 use std::collections::{HashMap, HashSet};
 
+use std::sync::Arc;
+
 use tract_onnx::pb::{
-    attribute_proto::AttributeType, tensor_proto::DataType, GraphProto, NodeProto, TensorProto,
+    attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, GraphProto, NodeProto,
+    TensorProto,
 };
+
+use super::qmatmul::{self, ActivationRange, KernelKind, QWeights, Registry};
 
 /// What the rewrites did, for the load log and the status message.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -30,41 +38,92 @@ pub struct RewriteReport {
     pub matmul_integer_total: usize,
     pub matmul_integer_dequantized: usize,
     pub weights_dequantized: usize,
+    /// Chains turned into one int8 `QMatMul` node.
+    pub matmul_integer_fused: usize,
+    /// Bias adds folded into those nodes.
+    pub bias_fused: usize,
+    /// Distinct int8 weight matrices packed, and their bytes in memory.
+    pub weights_packed: usize,
+    pub packed_weight_bytes: usize,
+    /// The int8 kernels multiplying them (name → matrices).
+    pub int8_kernels: std::collections::BTreeMap<String, usize>,
+    /// tanh-GELUs computed in the epilogue of the int8 matmul before them.
+    pub gelu_into_matmul: usize,
+    /// `LayerNormalization` nodes run as one op, and residual adds folded into them.
+    pub layer_norm_fused: usize,
+    pub residual_add_fused: usize,
     pub gelu_fused: usize,
     pub nodes_removed: usize,
 }
 
-/// Which rewrites to apply; all by default. Turning one off is for comparing
-/// against the unrewritten graph (tests, benchmarks), not for production.
+/// What becomes of a quantized matmul chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Rewrite {
+    /// One int8 node on this kernel (chains it cannot take are dequantized).
+    Fused {
+        kernel: KernelKind,
+        range: ActivationRange,
+    },
+    /// fp32 weights, tract's fp32 kernels.
+    Dequantize,
+    /// Left to tract's own `MatMulInteger`.
+    Keep,
+}
+
+/// Which rewrites to apply. Turning one off is for comparing against the
+/// unrewritten graph (tests, benchmarks), not for production.
 #[derive(Debug, Clone, Copy)]
 pub struct Rewrites {
-    pub dequantize: bool,
+    pub int8: Int8Rewrite,
     pub fuse_gelu: bool,
+    pub fuse_layer_norm: bool,
 }
 
 impl Default for Rewrites {
     fn default() -> Self {
         Rewrites {
-            dequantize: true,
+            int8: Int8Rewrite::Dequantize,
             fuse_gelu: true,
+            fuse_layer_norm: true,
         }
     }
 }
 
-pub fn rewrite(graph: &mut GraphProto, which: Rewrites) -> RewriteReport {
+impl Rewrites {
+    /// Every rewrite, with the int8 path this choice means on this CPU.
+    pub fn for_path(int8: super::Int8Path) -> Rewrites {
+        Rewrites {
+            int8: int8.rewrite(),
+            ..Rewrites::default()
+        }
+    }
+}
+
+/// `registry` receives the packed weights of fused chains for tract's parser.
+pub fn rewrite(graph: &mut GraphProto, which: Rewrites, registry: &mut Registry) -> RewriteReport {
     let mut report = RewriteReport::default();
     graph.value_info.clear();
-    if which.dequantize {
-        dequantize_matmul_integer(graph, &mut report);
-    } else {
-        report.matmul_integer_total = graph
-            .node
-            .iter()
-            .filter(|n| n.op_type == "MatMulInteger")
-            .count();
+    match which.int8 {
+        Int8Rewrite::Fused { kernel, range } => {
+            convert_matmul_integer(graph, &mut report, Some((kernel, range, registry)))
+        }
+        Int8Rewrite::Dequantize => convert_matmul_integer(graph, &mut report, None),
+        Int8Rewrite::Keep => {
+            report.matmul_integer_total = graph
+                .node
+                .iter()
+                .filter(|n| n.op_type == "MatMulInteger")
+                .count();
+        }
     }
     if which.fuse_gelu {
         fuse_tanh_gelu(graph, &mut report);
+    }
+    if which.fuse_gelu {
+        report.gelu_into_matmul = fold_gelu_into_qmatmul(graph);
+    }
+    if which.fuse_layer_norm {
+        fuse_layer_norm(graph, &mut report);
     }
     report.nodes_removed += remove_dead_nodes(graph);
     report
@@ -201,28 +260,114 @@ fn float_tensor(name: String, dims: Vec<i64>, values: &[f32]) -> TensorProto {
 }
 
 /// Replaces `MatMulInteger(DynamicQuantizeLinear(x), Wq, x_zp, w_zp) → Cast(float) →
-/// Mul(·, x_scale·w_scale)` by `MatMul(x, W)` with `W = (Wq − w_zp)·w_scale`.
-fn dequantize_matmul_integer(graph: &mut GraphProto, report: &mut RewriteReport) {
+/// Mul(·, x_scale·w_scale)` by `MatMul(x, W)` with `W = (Wq − w_zp)·w_scale`, or,
+/// given a kernel, by one `QMatMul` node that also takes the bias `Add` after it.
+fn convert_matmul_integer(
+    graph: &mut GraphProto,
+    report: &mut RewriteReport,
+    mut fuse: Option<(KernelKind, ActivationRange, &mut Registry)>,
+) {
     let consts = Consts::new(graph);
     let index = Index::new(graph);
     // (weight, zero point, scale) → name of the expanded fp32 initializer.
     let mut expanded: HashMap<(String, String, String), String> = HashMap::new();
+    // (weight, zero point, scale, bias) → registry key of the packed int8 weights.
+    let mut packed: HashMap<(String, String, String, String), i64> = HashMap::new();
     let mut new_initializers = Vec::new();
     let mut replacements: Vec<(usize, NodeProto)> = Vec::new();
     let mut dead: HashSet<usize> = HashSet::new();
 
+    let mut chains = Vec::new();
     for (mm_ix, mm) in graph.node.iter().enumerate() {
         if mm.op_type != "MatMulInteger" {
             continue;
         }
         report.matmul_integer_total += 1;
-        let Some(plan) = match_dequant_chain(graph, &index, &consts, mm_ix) else {
-            log::debug!(
+        match match_dequant_chain(graph, &index, &consts, mm_ix) {
+            Some(plan) => chains.push((mm_ix, mm.name.clone(), plan)),
+            None => log::debug!(
                 "MatMulInteger {:?} left as is: not a dynamic-quantization chain",
                 mm.name
+            ),
+        }
+    }
+    // Readers of each weight not yet converted: once none is left, the int8 copy in
+    // the protobuf is freed at once rather than at the end, so packed and original
+    // weights are never all in memory together (BERT-base: 85 MB each).
+    let mut unconverted: HashMap<String, usize> = chains
+        .iter()
+        .map(|(_, _, plan)| {
+            let readers = index.consumers.get(&plan.weight).map_or(0, Vec::len);
+            (plan.weight.clone(), readers)
+        })
+        .collect();
+
+    for (mm_ix, name, plan) in chains {
+        if let Some((kernel, range, registry)) = fuse.as_mut() {
+            let bias = match_bias(graph, &index, &consts, &plan);
+            let key = (
+                plan.weight.clone(),
+                plan.weight_zp.clone().unwrap_or_default(),
+                plan.weight_scale.clone(),
+                bias.as_ref().map(|b| b.name.clone()).unwrap_or_default(),
             );
-            continue;
-        };
+            let id = match packed.get(&key) {
+                Some(id) => Some(*id),
+                None => match packed_weight(graph, &consts, &plan, bias.as_ref(), *kernel) {
+                    Ok(q) => {
+                        report.weights_packed += 1;
+                        report.packed_weight_bytes += q.bytes();
+                        *report.int8_kernels.entry(q.kernel_name()).or_default() += 1;
+                        let id = registry.insert(Arc::new(q));
+                        packed.insert(key, id);
+                        Some(id)
+                    }
+                    Err(why) => {
+                        log::debug!("MatMulInteger {:?} dequantized instead: {why}", name);
+                        None
+                    }
+                },
+            };
+            if let Some(id) = id {
+                let (ix, output) = match &bias {
+                    Some(b) => (b.add_ix, b.output.clone()),
+                    None => (plan.mul_ix, plan.output.clone()),
+                };
+                let node = NodeProto {
+                    name: format!("{}_int8", name),
+                    op_type: qmatmul::ONNX_OP.into(),
+                    input: vec![plan.float_input.clone()],
+                    output: vec![output],
+                    attribute: vec![
+                        int_attribute(qmatmul::ATTR_KEY, id),
+                        int_attribute(
+                            qmatmul::ATTR_RANGE,
+                            (*range == ActivationRange::Tensor) as i64,
+                        ),
+                    ],
+                    ..Default::default()
+                };
+                // The node takes the place of the chain's last node, which keeps the
+                // graph topologically sorted.
+                replacements.push((ix, node));
+                dead.insert(mm_ix);
+                dead.insert(plan.cast_ix);
+                if bias.is_some() {
+                    dead.insert(plan.mul_ix);
+                    report.bias_fused += 1;
+                }
+                report.matmul_integer_fused += 1;
+                let left = unconverted.get_mut(&plan.weight).expect("counted above");
+                *left -= 1;
+                if *left == 0 {
+                    if let Some(t) = graph.initializer.iter_mut().find(|t| t.name == plan.weight) {
+                        t.raw_data = Vec::new();
+                        t.int32_data = Vec::new();
+                    }
+                }
+                continue;
+            }
+        }
         let key = (
             plan.weight.clone(),
             plan.weight_zp.clone().unwrap_or_default(),
@@ -232,10 +377,7 @@ fn dequantize_matmul_integer(graph: &mut GraphProto, report: &mut RewriteReport)
             Some(name) => name.clone(),
             None => {
                 let Some(t) = dequantized_weight(graph, &consts, &plan) else {
-                    log::debug!(
-                        "MatMulInteger {:?} left as is: weight not readable",
-                        mm.name
-                    );
+                    log::debug!("MatMulInteger {:?} left as is: weight not readable", name);
                     continue;
                 };
                 report.weights_dequantized += 1;
@@ -246,7 +388,7 @@ fn dequantize_matmul_integer(graph: &mut GraphProto, report: &mut RewriteReport)
             }
         };
         let node = NodeProto {
-            name: format!("{}_dequantized", mm.name),
+            name: format!("{}_dequantized", name),
             op_type: "MatMul".into(),
             input: vec![plan.float_input.clone(), weight_name],
             output: vec![plan.output.clone()],
@@ -270,6 +412,104 @@ fn dequantize_matmul_integer(graph: &mut GraphProto, report: &mut RewriteReport)
         !dead.contains(&(ix - 1))
     });
     graph.initializer.extend(new_initializers);
+}
+
+fn int_attribute(name: &str, value: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i: value,
+        ..Default::default()
+    }
+}
+
+/// The `Add(·, bias)` that follows a chain, when it is the chain's only reader and
+/// the bias is a constant vector of the output width.
+struct Bias {
+    name: String,
+    add_ix: usize,
+    output: String,
+    values: Vec<f32>,
+}
+
+fn match_bias(
+    graph: &GraphProto,
+    index: &Index,
+    consts: &Consts,
+    plan: &DequantPlan,
+) -> Option<Bias> {
+    let add_ix = index.sole_consumer(&plan.output)?;
+    let add = &graph.node[add_ix];
+    if add.op_type != "Add" || add.input.len() != 2 {
+        return None;
+    }
+    let name = if add.input[0] == plan.output {
+        &add.input[1]
+    } else {
+        &add.input[0]
+    };
+    let n = *consts.dims.get(&plan.weight)?.get(1)?;
+    let t = consts.get(name)?;
+    if t.dims != [n] {
+        return None;
+    }
+    Some(Bias {
+        name: name.clone(),
+        add_ix,
+        output: add.output[0].clone(),
+        values: tensor_values(t)?,
+    })
+}
+
+/// The chain's weight packed for an int8 kernel: int8 values with zero point 0
+/// (onnxruntime's symmetric weight quantization), scale per tensor or column.
+fn packed_weight(
+    graph: &GraphProto,
+    consts: &Consts,
+    plan: &DequantPlan,
+    bias: Option<&Bias>,
+    kernel: KernelKind,
+) -> Result<QWeights, String> {
+    let w = graph
+        .initializer
+        .iter()
+        .find(|t| t.name == plan.weight)
+        .or_else(|| consts.get(&plan.weight))
+        .ok_or("weight not readable")?;
+    if w.dims.len() != 2 || w.data_type != DataType::Int8 as i32 {
+        return Err(format!(
+            "weight is not a 2-D int8 matrix (dims {:?}, type {})",
+            w.dims, w.data_type
+        ));
+    }
+    let (k, n) = (w.dims[0] as usize, w.dims[1] as usize);
+    if let Some(zp) = &plan.weight_zp {
+        let zp = consts
+            .get(zp)
+            .and_then(tensor_values)
+            .ok_or("zero point not readable")?;
+        if zp.iter().any(|&z| z != 0.0) {
+            return Err("weight zero point is not 0 (asymmetric weights)".into());
+        }
+    }
+    let scale = consts
+        .get(&plan.weight_scale)
+        .and_then(tensor_values)
+        .ok_or("weight scale not readable")?;
+    let values: Vec<i8> = if w.raw_data.is_empty() {
+        w.int32_data.iter().map(|&v| v as i8).collect()
+    } else {
+        w.raw_data.iter().map(|&b| b as i8).collect()
+    };
+    QWeights::new(
+        &values,
+        k,
+        n,
+        &scale,
+        bias.map(|b| b.values.as_slice()),
+        kernel,
+    )
+    .map_err(|e| format!("{e:#}"))
 }
 
 struct DequantPlan {
@@ -490,6 +730,113 @@ fn fuse_tanh_gelu(graph: &mut GraphProto, report: &mut RewriteReport) {
         }
     }
     report.gelu_fused += replacements.len();
+    for (ix, node) in replacements {
+        graph.node[ix] = node;
+    }
+}
+
+/// `Gelu(approximate="tanh")` of an int8 matmul's output, when it is that output's
+/// only reader, moves into the matmul's epilogue.
+fn fold_gelu_into_qmatmul(graph: &mut GraphProto) -> usize {
+    let index = Index::new(graph);
+    let outputs: HashSet<&String> = graph.output.iter().map(|o| &o.name).collect();
+    let mut folds = Vec::new();
+    for (ix, gelu) in graph.node.iter().enumerate() {
+        let tanh = gelu
+            .attribute
+            .iter()
+            .any(|a| a.name == "approximate" && a.s == b"tanh");
+        if gelu.op_type != "Gelu" || !tanh || gelu.input.len() != 1 {
+            continue;
+        }
+        let x = &gelu.input[0];
+        let Some(&mm) = index.producer.get(x) else {
+            continue;
+        };
+        if graph.node[mm].op_type == qmatmul::ONNX_OP
+            && index.sole_consumer(x) == Some(ix)
+            && !outputs.contains(x)
+        {
+            folds.push((mm, ix));
+        }
+    }
+    let count = folds.len();
+    let mut dead = HashSet::new();
+    for (mm, gelu) in folds {
+        let output = graph.node[gelu].output[0].clone();
+        let node = &mut graph.node[mm];
+        node.output[0] = output;
+        node.attribute
+            .push(int_attribute(qmatmul::ATTR_ACTIVATION, 1));
+        dead.insert(gelu);
+    }
+    let mut ix = 0;
+    graph.node.retain(|_| {
+        ix += 1;
+        !dead.contains(&(ix - 1))
+    });
+    count
+}
+
+/// `LayerNormalization(x, scale, bias)` over the last axis → one
+/// [`LayerNorm`](super::layer_norm) node; when `x = Add(a, b)` and the norm is the
+/// sum's only reader, the add goes into the node too.
+fn fuse_layer_norm(graph: &mut GraphProto, report: &mut RewriteReport) {
+    use super::layer_norm::{ATTR_EPSILON, ATTR_RESIDUAL, ONNX_OP};
+    let index = Index::new(graph);
+    let outputs: HashSet<&String> = graph.output.iter().map(|o| &o.name).collect();
+    let mut replacements = Vec::new();
+    for (ix, ln) in graph.node.iter().enumerate() {
+        if ln.op_type != "LayerNormalization" || ln.input.len() != 3 {
+            continue;
+        }
+        let attr = |name: &str| ln.attribute.iter().find(|a| a.name == name);
+        let last_axis = attr("axis").is_none_or(|a| a.i == -1);
+        let float_stash = attr("stash_type").is_none_or(|a| a.i == 1);
+        // Mean and inverse deviation are extra outputs nobody reads in an encoder.
+        let one_output =
+            ln.output.iter().skip(1).all(|o| {
+                o.is_empty() || (!index.consumers.contains_key(o) && !outputs.contains(o))
+            });
+        if !(last_axis && float_stash && one_output) {
+            continue;
+        }
+        let epsilon = attr("epsilon").map_or(1e-5, |a| a.f);
+        let x = &ln.input[0];
+        let add = index
+            .producer
+            .get(x)
+            .map(|&p| &graph.node[p])
+            .filter(|n| n.op_type == "Add" && n.input.len() == 2)
+            .filter(|_| index.sole_consumer(x) == Some(ix) && !outputs.contains(x));
+        let mut input = match add {
+            Some(add) => add.input.clone(),
+            None => vec![x.clone()],
+        };
+        input.extend(ln.input[1..].iter().cloned());
+        report.layer_norm_fused += 1;
+        report.residual_add_fused += add.is_some() as usize;
+        replacements.push((
+            ix,
+            NodeProto {
+                name: format!("{}_fused", ln.name),
+                op_type: ONNX_OP.into(),
+                input,
+                output: vec![ln.output[0].clone()],
+                attribute: vec![
+                    AttributeProto {
+                        name: ATTR_EPSILON.into(),
+                        r#type: AttributeType::Float as i32,
+                        f: epsilon,
+                        ..Default::default()
+                    },
+                    int_attribute(ATTR_RESIDUAL, add.is_some() as i64),
+                ],
+                ..Default::default()
+            },
+        ));
+    }
+    // The folded adds lose their reader and go with the dead nodes.
     for (ix, node) in replacements {
         graph.node[ix] = node;
     }

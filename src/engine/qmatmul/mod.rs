@@ -1,0 +1,644 @@
+//! A fused quantized matmul: what each `DynamicQuantizeLinear → MatMulInteger →
+//! Cast → Mul → (Add)` chain of a dynamically quantized model becomes when the
+//! int8 weights stay int8.
+//!
+//! One tract op per chain, holding the weights packed once at load (shared by
+//! every node that reads the same initializer, as ALBERT's repeated layers do):
+//! quantize the activation rows, multiply i8×i8→i32 exactly, then
+//! `f32 = (i32 + shift correction) · scale + bias` in one pass. The arithmetic is
+//! onnxruntime's (see `quant`), so logits follow its int8 path, not tract's f32
+//! approximation of it.
+//!
+//! Activations are quantized per row (one token's hidden vector) by default:
+//! onnxruntime's `DynamicQuantizeLinear` takes one range for the whole tensor,
+//! which makes a window's logits depend on the other windows of its batch and on
+//! its padding. Per row, a message annotates the same alone or micro-batched,
+//! and the range is tighter. [`ActivationRange::Tensor`] reproduces
+//! onnxruntime exactly, for the parity tests.
+
+mod act;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod linalg;
+pub mod quant;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_hir::internal::*;
+
+use quant::Params;
+
+/// How activations are quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ActivationRange {
+    /// One range per row (token): batch- and padding-independent.
+    Row,
+    /// One range for the whole input tensor: onnxruntime's `DynamicQuantizeLinear`.
+    Tensor,
+}
+
+/// Which int8 kernel multiplies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KernelKind {
+    /// Our exact AVX2 kernel (x86 without VNNI).
+    Avx2,
+    /// tract-linalg's i8 kernel for this CPU.
+    Linalg,
+}
+
+#[derive(Debug)]
+enum Kernel {
+    #[cfg(target_arch = "x86_64")]
+    Avx2(avx2::Packed),
+    Linalg(linalg::Packed),
+}
+
+/// One int8 weight matrix with everything its dequantization needs.
+#[derive(Debug)]
+pub struct QWeights {
+    k: usize,
+    n: usize,
+    kernel: Kernel,
+    /// Per output column, padded to a multiple of 16 so kernels load whole vectors.
+    colsum: Vec<i32>,
+    wscale: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+/// What the epilogue applies after the bias: the feed-forward layer's GELU runs
+/// here, on values still in registers, instead of as a pass of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Activation {
+    #[default]
+    None,
+    /// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, ALBERT's `gelu_new`.
+    GeluTanh,
+}
+
+/// Per-row scale and shift correction, with per-column sums, scales and bias.
+pub struct Epilogue<'a> {
+    pub colsum: &'a [i32],
+    pub wscale: &'a [f32],
+    pub bias: &'a [f32],
+    /// One entry per row, or one for the whole tensor.
+    pub rows: &'a [Params],
+    pub activation: Activation,
+}
+
+impl Epilogue<'_> {
+    #[inline]
+    pub fn row(&self, r: usize) -> (i32, f32) {
+        let p = if self.rows.len() == 1 {
+            self.rows[0]
+        } else {
+            self.rows[r]
+        };
+        (p.shift_correction(), p.scale)
+    }
+}
+
+impl QWeights {
+    /// `w` is `[K, N]` row-major int8 with zero point 0; `scale` has 1 or N values;
+    /// `bias` has N. `prefer` is the kernel to use where it can take the weights.
+    pub fn new(
+        w: &[i8],
+        k: usize,
+        n: usize,
+        scale: &[f32],
+        bias: Option<&[f32]>,
+        prefer: KernelKind,
+    ) -> TractResult<QWeights> {
+        ensure!(
+            w.len() == k * n,
+            "weight has {} values, not {k}×{n}",
+            w.len()
+        );
+        ensure!(scale.len() == 1 || scale.len() == n, "weight scale length");
+        let padded = n.div_ceil(16) * 16;
+        let mut colsum = vec![0i32; padded];
+        for row in w.chunks_exact(n) {
+            for (s, &v) in colsum.iter_mut().zip(row) {
+                *s += v as i32;
+            }
+        }
+        let mut wscale: Vec<f32> = (0..n).map(|c| scale[c % scale.len()]).collect();
+        wscale.resize(padded, 0.0);
+        let mut b = bias.map_or_else(|| vec![0.0; n], <[f32]>::to_vec);
+        ensure!(b.len() == n, "bias length");
+        b.resize(padded, 0.0);
+        let kernel = match prefer {
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx2 if avx2::available() => match avx2::Packed::new(w, k, n) {
+                Some(p) => Kernel::Avx2(p),
+                None => Kernel::Linalg(linalg::Packed::new(w, k, n)?),
+            },
+            _ => Kernel::Linalg(linalg::Packed::new(w, k, n)?),
+        };
+        Ok(QWeights {
+            k,
+            n,
+            kernel,
+            colsum,
+            wscale,
+            bias: b,
+        })
+    }
+
+    pub fn kernel(&self) -> KernelKind {
+        match self.kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(_) => KernelKind::Avx2,
+            Kernel::Linalg(_) => KernelKind::Linalg,
+        }
+    }
+
+    /// Name of the kernel, for the load log.
+    pub fn kernel_name(&self) -> String {
+        match &self.kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(_) => "anotador avx2 i8 (exact maddubs)".into(),
+            Kernel::Linalg(p) => format!("tract-linalg {}", p.kernel_name()),
+        }
+    }
+
+    /// Bytes of packed weights and per-column tables.
+    pub fn bytes(&self) -> usize {
+        let packed = match &self.kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(p) => p.bytes(),
+            Kernel::Linalg(p) => p.bytes(),
+        };
+        packed + self.colsum.len() * 12
+    }
+
+    /// `out = dequant(quant(x) · W)` for `x` of `rows × K`, `out` of `rows × N`.
+    pub fn matmul(
+        &self,
+        x: &[f32],
+        rows: usize,
+        range: ActivationRange,
+        activation: Activation,
+        out: &mut [f32],
+    ) -> TractResult<()> {
+        let k = self.k;
+        ensure!(x.len() == rows * k && out.len() == rows * self.n);
+        let params: Vec<Params> = match range {
+            ActivationRange::Row => x
+                .chunks_exact(k)
+                .map(|r| {
+                    let (lo, hi) = quant::range(r);
+                    Params::from_range(lo, hi)
+                })
+                .collect(),
+            ActivationRange::Tensor => {
+                let (lo, hi) = quant::range(x);
+                vec![Params::from_range(lo, hi)]
+            }
+        };
+        let ep = Epilogue {
+            colsum: &self.colsum,
+            wscale: &self.wscale,
+            bias: &self.bias,
+            rows: &params,
+            activation,
+        };
+        let param = |r: usize| {
+            if params.len() == 1 {
+                params[0]
+            } else {
+                params[r]
+            }
+        };
+        SCRATCH.with_borrow_mut(|scratch| match &self.kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(w) => {
+                let stride = w.row_stride();
+                let padded = rows.div_ceil(avx2::MR) * avx2::MR * stride;
+                scratch.quantized.clear();
+                scratch.quantized.resize(k, 0);
+                scratch.abs.clear();
+                scratch.abs.resize(padded, 0);
+                scratch.sgn.clear();
+                scratch.sgn.resize(padded, 0);
+                for (r, row) in x.chunks_exact(k).enumerate() {
+                    quant::quantize(row, param(r), &mut scratch.quantized);
+                    let at = r * stride;
+                    avx2::pack_row(
+                        &scratch.quantized,
+                        &mut scratch.abs[at..at + k],
+                        &mut scratch.sgn[at..at + k],
+                    );
+                }
+                // SAFETY: AVX2 was checked when the weights were packed; the buffers
+                // are sized above for `rows` rounded up to MR.
+                unsafe { avx2::matmul(w, &scratch.abs, &scratch.sgn, rows, &ep, out) };
+                Ok(())
+            }
+            Kernel::Linalg(w) => {
+                let mut a = unsafe { Tensor::uninitialized::<i8>(&[rows, k])? };
+                {
+                    let mut view = a.try_as_plain_ram_mut()?;
+                    let a = view.as_slice_mut::<i8>()?;
+                    for (r, (row, dst)) in x.chunks_exact(k).zip(a.chunks_exact_mut(k)).enumerate()
+                    {
+                        quant::quantize(row, param(r), dst);
+                    }
+                }
+                // A row stride that is a multiple of 4 KiB makes AMX stores collide in
+                // the cache: pad it by 16 values.
+                let ldc = self.n.div_ceil(16) * 16 + if self.n % 1024 == 0 { 16 } else { 0 };
+                let mut c = unsafe { Tensor::uninitialized::<i32>(&[rows.max(1), ldc])? };
+                w.matmul(&a, rows, &mut c, ldc)?;
+                let view = c.try_as_plain_ram()?;
+                let c = view.as_slice::<i32>()?;
+                for r in 0..rows {
+                    let (corr, scale) = ep.row(r);
+                    let sums = &c[r * ldc..r * ldc + self.n];
+                    let dst = &mut out[r * self.n..(r + 1) * self.n];
+                    for (col, (o, &sum)) in dst.iter_mut().zip(sums).enumerate() {
+                        let total = sum + corr * self.colsum[col];
+                        let v = total as f32 * (scale * self.wscale[col]) + self.bias[col];
+                        *o = match activation {
+                            Activation::None => v,
+                            Activation::GeluTanh => act::gelu_tanh(v),
+                        };
+                    }
+                }
+                Ok(())
+            }
+        })
+    }
+}
+
+/// Per-thread buffers for the packed activations: a worker runs one matmul at a
+/// time, and re-growing them per call would be a malloc per node.
+#[derive(Default)]
+struct Scratch {
+    quantized: Vec<i8>,
+    abs: Vec<u8>,
+    sgn: Vec<i8>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// The tract op: `[.., K] f32 → [.., N] f32`.
+#[derive(Debug, Clone)]
+pub struct QMatMul {
+    pub weights: Arc<QWeights>,
+    pub range: ActivationRange,
+    pub activation: Activation,
+}
+
+impl PartialEq for QMatMul {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.weights, &other.weights)
+            && self.range == other.range
+            && self.activation == other.activation
+    }
+}
+impl Eq for QMatMul {}
+
+impl Op for QMatMul {
+    fn name(&self) -> StaticName {
+        "AnotadorQMatMul".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "{}×{} int8, {}, {:?} activation range, then {:?}",
+            self.weights.k,
+            self.weights.n,
+            self.weights.kernel_name(),
+            self.range,
+            self.activation
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for QMatMul {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let shape = x.shape();
+        ensure!(
+            shape.last() == Some(&self.weights.k),
+            "input {shape:?}, expected last axis {}",
+            self.weights.k
+        );
+        let rows = x.len() / self.weights.k;
+        let mut out_shape: TVec<usize> = shape.into();
+        *out_shape.last_mut().unwrap() = self.weights.n;
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+        {
+            let xv = x.try_as_plain_ram()?;
+            let mut ov = out.try_as_plain_ram_mut()?;
+            self.weights.matmul(
+                xv.as_slice::<f32>()?,
+                rows,
+                self.range,
+                self.activation,
+                ov.as_slice_mut::<f32>()?,
+            )?;
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for QMatMul {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs[0].datum_type == f32::datum_type());
+        let mut shape = inputs[0].shape.to_tvec();
+        let last = shape.last_mut().context("rank-0 input")?;
+        ensure!(
+            last.to_usize().is_ok_and(|k| k == self.weights.k),
+            "input last axis {last}, expected {}",
+            self.weights.k
+        );
+        *last = self.weights.n.to_dim();
+        Ok(tvec!(f32::fact(shape)))
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let rows: TDim = inputs[0].shape.iter().rev().skip(1).product();
+        Ok(tvec!((
+            Cost::FMA(i32::datum_type()),
+            rows * (self.weights.k * self.weights.n)
+        )))
+    }
+
+    as_op!();
+}
+
+/// The ONNX node type the load-time rewrite writes in place of a chain.
+pub const ONNX_OP: &str = "AnotadorQMatMul";
+/// Its attributes: the weights' key in [`Registry`], the activation range and
+/// the function applied after the bias (0 none, 1 tanh-GELU).
+pub const ATTR_KEY: &str = "weights";
+pub const ATTR_RANGE: &str = "per_tensor";
+pub const ATTR_ACTIVATION: &str = "activation";
+
+/// Packed weights on their way from the rewrite (which has the initializers) to
+/// tract's ONNX parser (a plain function that sees one node at a time). Entries
+/// live only while one model loads: [`Registry::hold`] removes them on drop,
+/// error or not.
+static REGISTRY: Mutex<Option<HashMap<i64, Arc<QWeights>>>> = Mutex::new(None);
+static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
+
+pub struct Registry {
+    keys: Vec<i64>,
+}
+
+impl Registry {
+    pub fn hold() -> Registry {
+        Registry { keys: Vec::new() }
+    }
+
+    /// Registers weights for the parser; the key goes into the node's attribute.
+    pub fn insert(&mut self, weights: Arc<QWeights>) -> i64 {
+        let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed) as i64;
+        REGISTRY
+            .lock()
+            .unwrap()
+            .get_or_insert_with(HashMap::new)
+            .insert(key, weights);
+        self.keys.push(key);
+        key
+    }
+
+    fn get(key: i64) -> Option<Arc<QWeights>> {
+        REGISTRY.lock().unwrap().as_ref()?.get(&key).cloned()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        if let Some(map) = REGISTRY.lock().unwrap().as_mut() {
+            for key in &self.keys {
+                map.remove(key);
+            }
+        }
+    }
+}
+
+/// tract-onnx's parser for [`ONNX_OP`] nodes.
+pub fn parse(
+    _ctx: &tract_onnx::model::ParsingContext,
+    node: &tract_onnx::pb::NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let key = node
+        .attribute
+        .iter()
+        .find(|a| a.name == ATTR_KEY)
+        .map(|a| a.i)
+        .context("AnotadorQMatMul without its weights")?;
+    let per_tensor = node
+        .attribute
+        .iter()
+        .any(|a| a.name == ATTR_RANGE && a.i != 0);
+    let gelu = node
+        .attribute
+        .iter()
+        .any(|a| a.name == ATTR_ACTIVATION && a.i == 1);
+    let weights = Registry::get(key).context("AnotadorQMatMul weights not registered")?;
+    let op = QMatMul {
+        weights,
+        range: if per_tensor {
+            ActivationRange::Tensor
+        } else {
+            ActivationRange::Row
+        },
+        activation: if gelu {
+            Activation::GeluTanh
+        } else {
+            Activation::None
+        },
+    };
+    Ok((expand(op), vec![]))
+}
+
+impl Expansion for QMatMul {
+    fn name(&self) -> StaticName {
+        "AnotadorQMatMul".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&inputs[0].datum_type, f32::datum_type())?;
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        s.equals(&inputs[0].rank, &outputs[0].rank)?;
+        let n = self.weights.n;
+        s.given(&inputs[0].rank, move |s, rank| {
+            let rank = rank as usize;
+            for axis in 0..rank - 1 {
+                s.equals(&inputs[0].shape[axis], &outputs[0].shape[axis])?;
+            }
+            s.equals(&outputs[0].shape[rank - 1], n.to_dim())
+        })
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        model.wire_node(prefix, self.clone(), inputs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(
+        x: &[f32],
+        rows: usize,
+        w: &[i8],
+        k: usize,
+        n: usize,
+        scale: f32,
+        bias: &[f32],
+        range: ActivationRange,
+    ) -> Vec<f32> {
+        let tensor = quant::range(x);
+        let mut out = vec![0f32; rows * n];
+        for r in 0..rows {
+            let row = &x[r * k..(r + 1) * k];
+            let (lo, hi) = match range {
+                ActivationRange::Row => quant::range(row),
+                ActivationRange::Tensor => tensor,
+            };
+            let p = Params::from_range(lo, hi);
+            let mut q = vec![0i8; k];
+            quant::quantize(row, p, &mut q);
+            for c in 0..n {
+                // Σ (q − zp)·w, the way MatMulInteger states it.
+                let acc: i32 = (0..k)
+                    .map(|kk| (q[kk] as i32 + 128 - p.zero_point) * w[kk * n + c] as i32)
+                    .sum();
+                out[r * n + c] = acc as f32 * (p.scale * scale) + bias[c];
+            }
+        }
+        out
+    }
+
+    fn data(rows: usize, k: usize, n: usize, seed: u64) -> (Vec<f32>, Vec<i8>, Vec<f32>) {
+        let mut s = seed;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let x = (0..rows * k)
+            .map(|_| (next() % 2000) as f32 / 300.0 - 2.5)
+            .collect();
+        let w = (0..k * n)
+            .map(|_| ((next() % 255) as i32 - 127) as i8)
+            .collect();
+        let b = (0..n).map(|_| (next() % 100) as f32 / 50.0 - 1.0).collect();
+        (x, w, b)
+    }
+
+    /// Every kernel this CPU runs gives the integer arithmetic exactly, on shapes
+    /// with ragged rows, columns and K.
+    #[test]
+    fn kernels_match_the_definition() {
+        let mut kinds = vec![KernelKind::Linalg];
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            kinds.push(KernelKind::Avx2);
+        }
+        for (rows, k, n) in [
+            (1, 4, 16),
+            (3, 7, 9),
+            (5, 128, 33),
+            (17, 256, 256),
+            (2, 1030, 40),
+        ] {
+            let (x, w, b) = data(rows, k, n, (rows * 1000 + k * 10 + n) as u64);
+            for kind in &kinds {
+                let q = QWeights::new(&w, k, n, &[0.01], Some(&b), *kind).unwrap();
+                assert_eq!(q.kernel(), *kind);
+                for range in [ActivationRange::Row, ActivationRange::Tensor] {
+                    let mut out = vec![0f32; rows * n];
+                    q.matmul(&x, rows, range, Activation::None, &mut out)
+                        .unwrap();
+                    let expected = naive(&x, rows, &w, k, n, 0.01, &b, range);
+                    assert_eq!(out, expected, "{kind:?} {range:?} {rows}×{k}×{n}");
+                }
+            }
+        }
+    }
+
+    /// The fused GELU is the same on every kernel and close to the definition.
+    #[test]
+    fn gelu_epilogue_matches_the_definition() {
+        let (rows, k, n) = (5, 64, 40);
+        let (x, w, b) = data(rows, k, n, 99);
+        let mut kinds = vec![KernelKind::Linalg];
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            kinds.push(KernelKind::Avx2);
+        }
+        let expected: Vec<f32> = naive(&x, rows, &w, k, n, 0.01, &b, ActivationRange::Row)
+            .into_iter()
+            .map(|v| {
+                let v = v as f64;
+                (0.5 * v
+                    * (1.0
+                        + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v))
+                            .tanh())) as f32
+            })
+            .collect();
+        let mut results = Vec::new();
+        for kind in kinds {
+            let q = QWeights::new(&w, k, n, &[0.01], Some(&b), kind).unwrap();
+            let mut out = vec![0f32; rows * n];
+            q.matmul(
+                &x,
+                rows,
+                ActivationRange::Row,
+                Activation::GeluTanh,
+                &mut out,
+            )
+            .unwrap();
+            for (o, e) in out.iter().zip(&expected) {
+                assert!(
+                    (o - e).abs() <= 1e-5 * e.abs().max(1.0),
+                    "{kind:?}: {o} vs {e}"
+                );
+            }
+            results.push(out);
+        }
+        assert!(results.windows(2).all(|w| w[0] == w[1]), "kernels disagree");
+    }
+
+    #[test]
+    fn a_weight_of_minus_128_falls_back_to_tract_linalg() {
+        let (x, mut w, b) = data(3, 8, 16, 7);
+        w[5] = i8::MIN;
+        let q = QWeights::new(&w, 8, 16, &[0.5], Some(&b), KernelKind::Avx2).unwrap();
+        assert_eq!(q.kernel(), KernelKind::Linalg);
+        let mut out = vec![0f32; 3 * 16];
+        q.matmul(&x, 3, ActivationRange::Row, Activation::None, &mut out)
+            .unwrap();
+        assert_eq!(out, naive(&x, 3, &w, 8, 16, 0.5, &b, ActivationRange::Row));
+    }
+}
