@@ -514,6 +514,7 @@ fn intake(publish: Publish, permit: OwnedSemaphorePermit, received: Instant, ctx
                 &topic,
                 errors,
                 &route.model,
+                route.task,
                 id.as_ref(),
                 &error,
                 publish,

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
+use crate::bundle::Task;
 use crate::error::Error;
-use crate::message::{ErrorEnvelope, Request, ResultEnvelope};
+use crate::message::{self, Request, Source};
 use crate::tasks::batch::{annotate_batch, Item};
 use crate::tasks::Annotator;
 
@@ -44,21 +45,26 @@ pub struct Outcome<A> {
 }
 
 /// The error outcome of a message that never reached a worker (bad payload).
+#[allow(clippy::too_many_arguments)]
 pub fn error_outcome<A>(
     topic: &str,
     errors_topic: String,
     model: &str,
+    task: Task,
     id: Option<&Value>,
     error: &Error,
     ack: A,
     permit: OwnedSemaphorePermit,
     received: Instant,
 ) -> Outcome<A> {
-    let mut envelope = ErrorEnvelope::new(model, id, error);
-    envelope.topic = Some(topic);
+    let source = Source {
+        model,
+        task,
+        topic: Some(topic),
+    };
     Outcome {
         topic: errors_topic,
-        payload: serde_json::to_vec(&envelope).expect("error envelopes serialize"),
+        payload: message::envelope(source, id, &Default::default(), Err(error)),
         error: Some(error.code()),
         ack,
         permit: Some(permit),
@@ -248,26 +254,20 @@ fn worker<A>(
             let annotator = annotator(&job);
             let model = &annotator.bundle().name;
             let request = &job.request;
-            let (topic, payload, error) = match result {
-                Ok(annotation) => {
-                    let mut envelope =
-                        ResultEnvelope::new(model, annotator.task().as_str(), request, &annotation);
-                    envelope.topic = Some(&job.topic);
-                    (job.output.clone(), serde_json::to_vec(&envelope), None)
-                }
-                Err(e) => {
-                    let mut envelope = ErrorEnvelope::new(model, request.id.as_ref(), &e);
-                    envelope.topic = Some(&job.topic);
-                    (
-                        job.errors.clone(),
-                        serde_json::to_vec(&envelope),
-                        Some(e.code()),
-                    )
-                }
+            let source = Source {
+                model,
+                task: annotator.task(),
+                topic: Some(&job.topic),
+            };
+            let payload =
+                message::envelope(source, request.id.as_ref(), &request.meta, result.as_ref());
+            let (topic, error) = match &result {
+                Ok(_) => (job.output.clone(), None),
+                Err(e) => (job.errors.clone(), Some(e.code())),
             };
             let outcome = Outcome {
                 topic,
-                payload: payload.expect("envelopes serialize"),
+                payload,
                 error,
                 ack: job.ack,
                 permit: Some(job.permit),
