@@ -121,18 +121,17 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { config } => {
-            let config = anotador::config::Config::load(&config)?;
-            anotador::daemon::run(config)?;
+            anotador::daemon::run(&config)?;
             Ok(())
         }
         Command::Check { config, models } => {
             if let Some(path) = config {
                 let config = anotador::config::Config::load(&path)?;
-                let (bundles, _) = anotador::daemon::load(&config)?;
+                let loaded = anotador::service::Models::load(&config, None)?;
                 println!(
                     "{}: ok ({} models, {} routes)",
                     path.display(),
-                    bundles.len(),
+                    loaded.loaded.len(),
                     config.routes.len()
                 );
             }
