@@ -62,6 +62,11 @@ pub struct Daemon {
     pub stats_interval_s: u64,
     /// Payloads larger than this get `payload_too_large`.
     pub max_payload_bytes: usize,
+    /// The largest MQTT packet the daemon reads (the MQTT 5 Maximum Packet Size it
+    /// announces to the broker). Anything up to it is read and answered (with
+    /// `payload_too_large` above `max_payload_bytes`); a broker drops larger
+    /// messages for this client unseen.
+    pub max_packet_bytes: usize,
     /// Messages accepted but not yet answered, all models together. Must be at least
     /// the broker's in-flight window for this client (mosquitto: max_inflight_messages,
     /// default 20), so the backlog waits in the broker, not here.
@@ -83,6 +88,7 @@ impl Default for Daemon {
             stats_topic: "anotador/{name}/stats".into(),
             stats_interval_s: 60,
             max_payload_bytes: 64 * 1024,
+            max_packet_bytes: 4 << 20,
             queue: 32,
             backlog_bytes: 4 << 20,
             shutdown_timeout_s: 10,
@@ -285,6 +291,19 @@ impl File {
         }
         if self.daemon.queue == 0 {
             return Err(bad("daemon.queue".into(), "must be at least 1".into()));
+        }
+        // MQTT's own limit on a packet's size.
+        const MQTT_MAX_PACKET: usize = 268_435_455;
+        if self.daemon.max_packet_bytes <= self.daemon.max_payload_bytes
+            || self.daemon.max_packet_bytes > MQTT_MAX_PACKET
+        {
+            return Err(bad(
+                "daemon.max_packet_bytes".into(),
+                format!(
+                    "must be larger than daemon.max_payload_bytes ({}), so that an oversize payload is read and answered, and at most {MQTT_MAX_PACKET}",
+                    self.daemon.max_payload_bytes
+                ),
+            ));
         }
         if self.broker.password_file.is_some() && self.broker.password_env.is_some() {
             return Err(bad(

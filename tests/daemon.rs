@@ -445,3 +445,44 @@ fn shared_subscription_splits_one_stream_between_two_daemons() {
         "both daemons took a share: {by_daemon:?}"
     );
 }
+
+/// Payloads over `max_payload_bytes` but within the receive cap are read and
+/// answered with `payload_too_large`, with the shipped limits (64 KiB, 4 MiB):
+/// the broker never drops them for being larger than what the daemon takes.
+#[test]
+fn oversize_payloads_get_payload_too_large_with_the_default_limits() {
+    let broker = start_broker();
+    let dir = TempDir::new("oversize");
+    let base = std::fs::read_to_string(write_config(&dir.0, broker.port, "oversize", "")).unwrap();
+    let config = dir.0.join("oversize.toml");
+    std::fs::write(&config, base.replace("max_payload_bytes = 2048\n", "")).unwrap();
+    let device = Device::connect(broker.port, "oversize-device");
+    std::thread::sleep(Duration::from_millis(300));
+    let _daemon = Daemon::start(&config);
+    wait_online(&device);
+    let payload = |name: &str, size: usize| {
+        let frame = format!(r#"{{"id": "{name}", "text": ""}}"#);
+        let text = "a".repeat(size - frame.len());
+        format!(r#"{{"id": "{name}", "text": "{text}"}}"#)
+    };
+    // Just over the old advertised packet limit (max_payload_bytes + 4096), and 1 MiB.
+    let sizes = [("70k", 70_029), ("1m", 1 << 20)];
+    for (name, size) in sizes {
+        let p = payload(name, size);
+        assert_eq!(p.len(), size);
+        device.publish(&format!("in/ner/{name}"), p);
+    }
+    let got = device.collect(Duration::from_secs(30), |g| {
+        g.iter().filter(|(t, _)| t.starts_with("err/")).count() >= 2
+    });
+    for (name, size) in sizes {
+        let (_, e) = got
+            .iter()
+            .find(|(t, _)| *t == format!("err/ner/{name}"))
+            .unwrap_or_else(|| panic!("nothing for the {name} payload: {got:?}"));
+        assert_eq!(e["error"]["code"], "payload_too_large", "{e}");
+        let reason = e["error"]["reason"].as_str().unwrap();
+        assert!(reason.contains(&format!("{size} bytes")), "{reason}");
+        assert_eq!(e["topic"], format!("in/ner/{name}"));
+    }
+}

@@ -421,7 +421,8 @@ impl Device {
 
     fn connect_with(mut opts: MqttOptions) -> Device {
         opts.set_keep_alive(Duration::from_secs(5));
-        opts.set_max_packet_size(1 << 20, 1 << 20);
+        // Room for the oversize payloads the daemon must answer (1 MiB and more).
+        opts.set_max_packet_size(8 << 20, 8 << 20);
         let (client, mut connection) = Client::new(opts, 20_000);
         let (tx, rx) = channel();
         let sub = client.clone();

@@ -161,7 +161,7 @@ impl Io {
             &config.broker,
             options::Session {
                 receive_maximum: d.queue,
-                max_packet_bytes: d.max_payload_bytes.max(1024) + 4096,
+                max_packet_bytes: d.max_packet_bytes,
                 will_topic: d.status_topic(),
                 will_payload: status::offline(&d.name),
             },

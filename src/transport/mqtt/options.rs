@@ -58,6 +58,8 @@ pub fn options(broker: &Broker, session: Session) -> Result<MqttOptions, Options
     // broker's CONNACK lowers it further (Mosquitto: 20); beyond it rumqttc holds
     // publishes back until acks come, which is flow control, not loss.
     opts.set_outgoing_inflight_upper_limit(outgoing_inflight(session.receive_maximum));
+    // The receive cap, not the payload cap: a broker drops a message larger than
+    // this unseen, so it must be far above the largest payload the daemon answers.
     let max = u32::try_from(session.max_packet_bytes).unwrap_or(u32::MAX);
     opts.set_max_packet_size(Some(max));
     opts.set_last_will(LastWill::new(
