@@ -486,3 +486,50 @@ fn oversize_payloads_get_payload_too_large_with_the_default_limits() {
         assert_eq!(e["topic"], format!("in/ner/{name}"));
     }
 }
+
+/// Results, errors found at intake and errors found by a worker all name the
+/// model the same way: the bundle's name.
+#[test]
+fn every_envelope_names_the_model_the_same_way() {
+    let broker = start_broker();
+    let dir = TempDir::new("names");
+    let config = write_config(&dir.0, broker.port, "names", "");
+    let device = Device::connect(broker.port, "names-device");
+    std::thread::sleep(Duration::from_millis(300));
+    let _daemon = Daemon::start(&config);
+    wait_online(&device);
+    let long = "El Banco de España publicó ayer en Madrid su informe anual. ".repeat(20);
+    for payload in [
+        r#"{"id": "ok", "text": "Hola desde Lima."}"#.to_string(),
+        r#"{"id": "empty", "text": " "}"#.to_string(),
+        format!(r#"{{"id": "long", "text": "{long}"}}"#),
+    ] {
+        device.publish("in/ner/n", payload);
+    }
+    device.publish("in/cls", "");
+    device.publish("in/cls", "Llueve.");
+    let got = device.collect(Duration::from_secs(30), |g| {
+        g.iter()
+            .filter(|(t, _)| t.starts_with("out/") || t.starts_with("err/"))
+            .count()
+            >= 5
+    });
+    let model = |id: &str| {
+        got.iter()
+            .find(|(_, v)| v["id"] == id)
+            .unwrap_or_else(|| panic!("{id}: {got:?}"))
+            .1["model"]
+            .clone()
+    };
+    // A result, an intake error (empty text), a worker error (too many windows).
+    assert_eq!(model("ok"), "bert-token");
+    assert_eq!(model("empty"), "bert-token");
+    assert_eq!(model("long"), "bert-token");
+    let cls: Vec<&Value> = got
+        .iter()
+        .filter(|(t, _)| t == "out/cls" || t == "err/cls")
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(cls.len(), 2, "{got:?}");
+    assert!(cls.iter().all(|v| v["model"] == "bert-seq"), "{cls:?}");
+}

@@ -113,7 +113,7 @@ impl Intake {
             Err((id, error)) => {
                 log::debug!("bad payload on {topic}: {}", error.code());
                 let source = Source {
-                    model: &route.model,
+                    model: &served.annotator.bundle().name,
                     task,
                     topic: Some(&topic),
                 };
