@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::message::PayloadFormat;
+use crate::routing::{Filter, Template};
 use crate::tasks::TaskOptions;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,17 +30,27 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A checked configuration: every route's topics parsed, every key valid.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    #[serde(default)]
     pub daemon: Daemon,
     pub broker: Broker,
-    pub models: BTreeMap<String, ModelConfig>,
+    pub models: BTreeMap<String, Model>,
     pub routes: Vec<Route>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// The file as written, before its routes are parsed.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    daemon: Daemon,
+    broker: Broker,
+    models: BTreeMap<String, Model>,
+    routes: Vec<RouteEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Daemon {
     /// Names this daemon in its status and stats topics.
@@ -51,6 +62,11 @@ pub struct Daemon {
     pub stats_interval_s: u64,
     /// Payloads larger than this get `payload_too_large`.
     pub max_payload_bytes: usize,
+    /// The largest MQTT packet the daemon reads (the MQTT 5 Maximum Packet Size it
+    /// announces to the broker). Anything up to it is read and answered (with
+    /// `payload_too_large` above `max_payload_bytes`); a broker drops larger
+    /// messages for this client unseen.
+    pub max_packet_bytes: usize,
     /// Messages accepted but not yet answered, all models together. Must be at least
     /// the broker's in-flight window for this client (mosquitto: max_inflight_messages,
     /// default 20), so the backlog waits in the broker, not here.
@@ -72,6 +88,7 @@ impl Default for Daemon {
             stats_topic: "anotador/{name}/stats".into(),
             stats_interval_s: 60,
             max_payload_bytes: 64 * 1024,
+            max_packet_bytes: 4 << 20,
             queue: 32,
             backlog_bytes: 4 << 20,
             shutdown_timeout_s: 10,
@@ -79,7 +96,19 @@ impl Default for Daemon {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+impl Daemon {
+    /// The retained `online` / `offline` status topic, `{name}` filled in.
+    pub fn status_topic(&self) -> String {
+        self.status_topic.replace("{name}", &self.name)
+    }
+
+    /// The stats topic, `{name}` filled in; empty when stats are off.
+    pub fn stats_topic(&self) -> String {
+        self.stats_topic.replace("{name}", &self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Broker {
     #[serde(default = "default_host")]
@@ -109,7 +138,7 @@ pub struct Broker {
     pub tls: Option<Tls>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
     pub ca_file: PathBuf,
@@ -136,19 +165,14 @@ fn default_backoff_max() -> u64 {
     30_000
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
+/// One `[models.NAME]` section.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Model {
     /// Bundle folder; relative paths are relative to the config file.
     pub path: PathBuf,
     /// Inference threads for this model, each with its own engine state.
     #[serde(default = "one")]
     pub workers: usize,
-    /// Tokens per window (default and maximum: the model's).
-    pub window: Option<usize>,
-    pub stride: Option<usize>,
-    /// Windows one message may need before it is refused as `text_too_long`.
-    pub max_windows: Option<usize>,
     /// Expected SHA-256 of `model.onnx` (hex, as `anotador check --model` prints it):
     /// a truncated or altered file is refused at start.
     pub sha256: Option<String>,
@@ -163,45 +187,64 @@ pub struct ModelConfig {
     /// How the int8 weights run: `auto`, `native` or `dequantize` (see README).
     #[serde(default)]
     pub int8: crate::engine::Int8Path,
+    /// Task options for every route of this model (`window`, `stride`,
+    /// `max_windows`…); a route's own `options` win.
+    #[serde(flatten)]
+    pub options: TaskOptions,
+    /// Keys that none of the above know. Flattening rules out serde's own
+    /// `deny_unknown_fields`, so validation refuses them, naming the key.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, toml::Value>,
+}
+
+impl Model {
+    /// How its worker pool runs.
+    pub fn pool(&self) -> crate::pool::Settings {
+        crate::pool::Settings {
+            workers: self.workers,
+            max_batch: self.max_batch,
+            batch_wait: std::time::Duration::from_millis(self.batch_wait_ms),
+        }
+    }
 }
 
 fn one() -> usize {
     1
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A route, parsed: which messages, which model, where results and errors go.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     /// MQTT topic filter; `+`, `#` and `$share/GROUP/filter` allowed.
-    pub topic: String,
+    pub filter: Filter,
     /// A key of `[models]`.
     pub model: String,
-    #[serde(default = "default_format")]
     pub format: PayloadFormat,
     /// Output topic template: `{topic}` (the input topic), `{1}`, `{2}`… (the input
     /// topic's levels matched by `+`/`#` in the filter), `{model}`, `{name}`.
-    pub output: String,
+    pub output: Template,
     /// Where structured errors go (the dead-letter topic); same placeholders.
-    pub errors: String,
+    pub errors: Template,
+    /// Task options of this route, over its model's.
+    pub options: TaskOptions,
+}
+
+/// A `[[routes]]` entry as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteEntry {
+    topic: String,
+    model: String,
+    #[serde(default = "default_format")]
+    format: PayloadFormat,
+    output: String,
+    errors: String,
     #[serde(default)]
-    pub options: RouteOptions,
+    options: TaskOptions,
 }
 
 fn default_format() -> PayloadFormat {
     PayloadFormat::Json
-}
-
-/// Per-route task options (see `anotador annotate --help`).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteOptions {
-    pub aggregation: Option<crate::bundle::Aggregation>,
-    pub top_k: Option<usize>,
-    pub function_to_apply: Option<crate::bundle::ScoreFunction>,
-    /// Question answering: longest answer in tokens (default 15).
-    pub max_answer_len: Option<usize>,
-    /// Question answering: also offer the empty answer, scored by [CLS] (default false).
-    pub handle_impossible_answer: Option<bool>,
 }
 
 impl Config {
@@ -210,17 +253,17 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let mut file: File = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for model in config.models.values_mut() {
+        for model in file.models.values_mut() {
             if model.path.is_relative() {
                 model.path = base.join(&model.path);
             }
         }
-        if let Some(tls) = &mut config.broker.tls {
+        if let Some(tls) = &mut file.broker.tls {
             for p in [
                 Some(&mut tls.ca_file),
                 tls.client_cert.as_mut(),
@@ -234,11 +277,13 @@ impl Config {
                 }
             }
         }
-        config.validate(path)?;
-        Ok(config)
+        file.check(path)
     }
+}
 
-    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+impl File {
+    /// Validates every key and parses the routes.
+    fn check(self, path: &Path) -> Result<Config, ConfigError> {
         let bad = |key: String, problem: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             key,
@@ -250,6 +295,19 @@ impl Config {
         if self.daemon.queue == 0 {
             return Err(bad("daemon.queue".into(), "must be at least 1".into()));
         }
+        // MQTT's own limit on a packet's size.
+        const MQTT_MAX_PACKET: usize = 268_435_455;
+        if self.daemon.max_packet_bytes <= self.daemon.max_payload_bytes
+            || self.daemon.max_packet_bytes > MQTT_MAX_PACKET
+        {
+            return Err(bad(
+                "daemon.max_packet_bytes".into(),
+                format!(
+                    "must be larger than daemon.max_payload_bytes ({}), so that an oversize payload is read and answered, and at most {MQTT_MAX_PACKET}",
+                    self.daemon.max_payload_bytes
+                ),
+            ));
+        }
         if self.broker.password_file.is_some() && self.broker.password_env.is_some() {
             return Err(bad(
                 "broker.password_file".into(),
@@ -260,6 +318,9 @@ impl Config {
             return Err(bad("models".into(), "at least one model is needed".into()));
         }
         for (name, model) in &self.models {
+            if let Some(key) = model.unknown.keys().next() {
+                return Err(bad(format!("models.{name}.{key}"), "unknown key".into()));
+            }
             if !model.path.is_dir() {
                 return Err(bad(
                     format!("models.{name}.path"),
@@ -290,45 +351,52 @@ impl Config {
         if self.routes.is_empty() {
             return Err(bad("routes".into(), "at least one route is needed".into()));
         }
-        for (i, route) in self.routes.iter().enumerate() {
-            if let Err(problem) = crate::transport::topic::Filter::parse(&route.topic) {
-                return Err(bad(format!("routes[{i}].topic"), problem));
-            }
+        let mut routes = Vec::with_capacity(self.routes.len());
+        for (i, route) in self.routes.into_iter().enumerate() {
+            let filter =
+                Filter::parse(&route.topic).map_err(|p| bad(format!("routes[{i}].topic"), p))?;
             if !self.models.contains_key(&route.model) {
                 return Err(bad(
                     format!("routes[{i}].model"),
                     format!("no model `{}` in [models]", route.model),
                 ));
             }
-            for (key, template) in [("output", &route.output), ("errors", &route.errors)] {
-                if let Err(problem) = crate::transport::topic::check_template(template) {
-                    return Err(bad(format!("routes[{i}].{key}"), problem));
-                }
-            }
+            let template = |key: &str, t: &str| {
+                Template::parse(t).map_err(|p| bad(format!("routes[{i}].{key}"), p))
+            };
+            routes.push(Route {
+                filter,
+                output: template("output", &route.output)?,
+                errors: template("errors", &route.errors)?,
+                model: route.model,
+                format: route.format,
+                options: route.options,
+            });
         }
-        Ok(())
+        Ok(Config {
+            daemon: self.daemon,
+            broker: self.broker,
+            models: self.models,
+            routes,
+        })
     }
+}
 
-    pub fn task_options(&self, model: &str, route: Option<&RouteOptions>) -> TaskOptions {
-        let m = &self.models[model];
-        TaskOptions {
-            aggregation: route.and_then(|r| r.aggregation),
-            top_k: route.and_then(|r| r.top_k),
-            function_to_apply: route.and_then(|r| r.function_to_apply),
-            window: m.window,
-            stride: m.stride,
-            max_windows: m.max_windows,
-            max_answer_len: route.and_then(|r| r.max_answer_len),
-            handle_impossible_answer: route.and_then(|r| r.handle_impossible_answer),
-        }
+impl Config {
+    /// A route's task options: its own, then its model's.
+    pub fn task_options(&self, route: &Route) -> TaskOptions {
+        route.options.or(&self.models[&route.model].options)
     }
+}
 
+impl Broker {
+    /// The password, read from its file (first line) or environment variable.
     pub fn password(&self) -> std::io::Result<Option<String>> {
-        if let Some(file) = &self.broker.password_file {
+        if let Some(file) = &self.password_file {
             let text = std::fs::read_to_string(file)?;
             return Ok(Some(text.lines().next().unwrap_or("").to_string()));
         }
-        if let Some(var) = &self.broker.password_env {
+        if let Some(var) = &self.password_env {
             return std::env::var(var).map(Some).map_err(|_| {
                 std::io::Error::new(
                     std::io::ErrorKind::NotFound,

@@ -7,10 +7,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use anotador::bundle::{Aggregation, ScoreFunction, Task};
-use anotador::engine::{Int8Path, Rewrites};
 use anotador::eval::DataFormat;
-use anotador::message::{self, ErrorEnvelope, PayloadFormat, ResultEnvelope};
+use anotador::message::{self, PayloadFormat, Source};
+use anotador::engine::{Int8Path, Rewrites};
 use anotador::{Annotator, Bundle, TaskOptions};
 
 #[derive(Parser)]
@@ -76,30 +75,8 @@ struct ModelArgs {
     /// Model bundle folder (model.onnx, tokenizer.json, config.json, README.md).
     #[arg(long)]
     model: PathBuf,
-    /// Token classification grouping; default: the bundle's (simple for BIO tags).
-    #[arg(long, value_enum)]
-    aggregation: Option<Aggregation>,
-    /// Text classification: labels returned (0 = all); question answering: answers; default 1.
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Text classification: softmax, sigmoid or none; default from the bundle's problem_type.
-    #[arg(long, value_enum)]
-    function_to_apply: Option<ScoreFunction>,
-    /// Tokens per window (default: the model's maximum; QA: min(maximum, 384)).
-    #[arg(long)]
-    window: Option<usize>,
-    /// Tokens shared by neighbouring windows (QA: the pipeline's doc_stride).
-    #[arg(long)]
-    stride: Option<usize>,
-    /// Windows one text may need before it is refused as `text_too_long`.
-    #[arg(long)]
-    max_windows: Option<usize>,
-    /// Question answering: longest answer in tokens (default 15).
-    #[arg(long)]
-    max_answer_len: Option<usize>,
-    /// Question answering: also offer the empty answer, scored by [CLS].
-    #[arg(long)]
-    handle_impossible_answer: bool,
+    #[command(flatten)]
+    options: TaskOptions,
     /// How int8 weights run: auto (this CPU's faster path), native (int8 kernels, a
     /// quarter of the weight memory) or dequantize (fp32 weights and kernels).
     #[arg(long, default_value = "auto")]
@@ -108,21 +85,8 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn load(&self) -> anyhow::Result<Annotator> {
-        let bundle = Arc::new(Bundle::load_with(
-            &self.model,
-            Rewrites::for_path(self.int8),
-        )?);
-        let options = TaskOptions {
-            aggregation: self.aggregation,
-            top_k: self.top_k,
-            function_to_apply: self.function_to_apply,
-            window: self.window,
-            stride: self.stride,
-            max_windows: self.max_windows,
-            max_answer_len: self.max_answer_len,
-            handle_impossible_answer: Some(self.handle_impossible_answer),
-        };
-        Ok(Annotator::new(bundle, &options)?)
+        let bundle = Arc::new(Bundle::load_with(&self.model, Rewrites::for_path(self.int8))?);
+        Ok(Annotator::new(bundle, &self.options)?)
     }
 }
 
@@ -142,10 +106,7 @@ fn main() -> anyhow::Result<()> {
             max_bytes,
         } => {
             let annotator = model.load()?;
-            let format = format.unwrap_or(match annotator.task() {
-                Task::QuestionAnswering => PayloadFormat::Json,
-                _ => PayloadFormat::Text,
-            });
+            let format = format.unwrap_or(PayloadFormat::default_for(annotator.task()));
             annotate(&annotator, format, max_bytes)
         }
         Command::Eval {
@@ -165,18 +126,17 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { config } => {
-            let config = anotador::config::Config::load(&config)?;
-            anotador::daemon::run(config)?;
+            anotador::daemon::run(&config)?;
             Ok(())
         }
         Command::Check { config, models } => {
             if let Some(path) = config {
                 let config = anotador::config::Config::load(&path)?;
-                let (bundles, _) = anotador::daemon::load(&config)?;
+                let loaded = anotador::service::Models::load(&config, None)?;
                 println!(
                     "{}: ok ({} models, {} routes)",
                     path.display(),
-                    bundles.len(),
+                    loaded.loaded.len(),
                     config.routes.len()
                 );
             }
@@ -202,6 +162,11 @@ fn main() -> anyhow::Result<()> {
 fn annotate(annotator: &Annotator, format: PayloadFormat, max_bytes: usize) -> anyhow::Result<()> {
     let bundle = annotator.bundle();
     let mut state = bundle.engine.state()?;
+    let source = Source {
+        model: &bundle.name,
+        task: annotator.task(),
+        topic: None,
+    };
     let stdin = std::io::stdin();
     let mut input = stdin.lock();
     let stdout = std::io::stdout();
@@ -215,27 +180,18 @@ fn annotate(annotator: &Annotator, format: PayloadFormat, max_bytes: usize) -> a
         if line.last() == Some(&b'\n') {
             line.pop();
         }
-        let json = match message::parse(&line, format, annotator.task(), max_bytes) {
+        let envelope = match message::parse(&line, format, annotator.task(), max_bytes) {
             Err((id, error)) => {
-                serde_json::to_string(&ErrorEnvelope::new(&bundle.name, id.as_ref(), &error))?
+                message::envelope(source, id.as_ref(), &Default::default(), Err(&error))
             }
             Ok(request) => {
-                match annotator.annotate(&mut state, &request.text, request.text_pair.as_deref()) {
-                    Ok(annotation) => serde_json::to_string(&ResultEnvelope::new(
-                        &bundle.name,
-                        annotator.task().as_str(),
-                        &request,
-                        &annotation,
-                    ))?,
-                    Err(error) => serde_json::to_string(&ErrorEnvelope::new(
-                        &bundle.name,
-                        request.id.as_ref(),
-                        &error,
-                    ))?,
-                }
+                let outcome =
+                    annotator.annotate(&mut state, &request.text, request.text_pair.as_deref());
+                message::envelope(source, request.id.as_ref(), &request.meta, outcome.as_ref())
             }
         };
-        writeln!(out, "{json}")?;
+        out.write_all(&envelope)?;
+        out.write_all(b"\n")?;
         out.flush()?;
     }
     Ok(())

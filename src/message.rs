@@ -1,13 +1,14 @@
-//! Messages in and out: payload parsing and validation, and the JSON envelope that
-//! `annotate` prints and the daemon publishes. One shape for both, so a pipeline
-//! built against the CLI works unchanged against the daemon.
+//! Messages in and out: payload parsing and validation, and the one function that
+//! turns a result or an error into the JSON envelope `annotate` prints and the
+//! daemon publishes. One shape for both, so a pipeline built against the CLI works
+//! unchanged against the daemon.
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::bundle::Task;
 use crate::error::{Error, Result};
-use crate::tasks::{Annotation, Output, Timings};
+use crate::tasks::{self, Annotation, Output, Timings};
 
 /// How payloads are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
@@ -18,6 +19,31 @@ pub enum PayloadFormat {
     /// `{"id": …, "text": …, "text_pair": …}`, or `{"id": …, "question": …,
     /// "context": …}` for question answering; other fields are echoed under `meta`.
     Json,
+}
+
+impl PayloadFormat {
+    /// What a task reads when nobody says: the text itself where the task allows it.
+    pub fn default_for(task: Task) -> PayloadFormat {
+        if tasks::fields(task).plain_text {
+            PayloadFormat::Text
+        } else {
+            PayloadFormat::Json
+        }
+    }
+
+    /// Whether payloads in this format can feed `task`.
+    pub fn check(self, task: Task) -> Result<()> {
+        let fields = tasks::fields(task);
+        if self == PayloadFormat::Text && !fields.plain_text {
+            return Err(Error::InvalidRequest(format!(
+                "{} reads JSON payloads {{\"{}\", \"{}\"}}",
+                task.as_str(),
+                fields.text,
+                fields.pair
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// One input. For question answering `text` is the question and `text_pair` the
@@ -55,19 +81,12 @@ pub fn parse(
             },
         )
     })?;
+    format.check(task).map_err(|e| (None, e))?;
     match format {
-        PayloadFormat::Text if task == Task::QuestionAnswering => Err((
-            None,
-            Error::InvalidRequest(
-                "question answering reads JSON payloads {\"question\", \"context\"}".into(),
-            ),
-        )),
         PayloadFormat::Text => {
             let text = text.strip_suffix('\n').unwrap_or(text);
             let text = text.strip_suffix('\r').unwrap_or(text);
-            if text.trim().is_empty() {
-                return Err((None, Error::EmptyText));
-            }
+            tasks::check(task, text, None).map_err(|e| (None, e))?;
             Ok(Request {
                 id: None,
                 text: text.to_string(),
@@ -95,37 +114,25 @@ fn parse_json(text: &str, task: Task) -> Result<Request, (Option<Value>, Error)>
         }
     }
     let fail = |e: Error| (id.clone(), e);
-    if task == Task::QuestionAnswering {
-        let mut field = |field: &'static str| match object.remove(field) {
-            Some(Value::String(s)) if s.trim().is_empty() => Err(fail(Error::EmptyField { field })),
-            Some(Value::String(s)) => Ok(s),
-            _ => Err(fail(Error::MissingField { field })),
-        };
-        let question = field("question")?;
-        let context = field("context")?;
-        return Ok(Request {
-            id,
-            text: question,
-            text_pair: Some(context),
-            meta: object,
-        });
-    }
-    let text = match object.remove("text") {
+    let fields = tasks::fields(task);
+    let text = match object.remove(fields.text) {
         Some(Value::String(s)) => s,
-        _ => return Err(fail(Error::MissingField { field: "text" })),
+        _ => return Err(fail(Error::MissingField { field: fields.text })),
     };
-    if text.trim().is_empty() {
-        return Err(fail(Error::EmptyText));
-    }
-    let text_pair = match object.remove("text_pair") {
+    let text_pair = match object.remove(fields.pair) {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s),
+        Some(_) if fields.pair_required => {
+            return Err(fail(Error::MissingField { field: fields.pair }))
+        }
         Some(_) => {
-            return Err(fail(Error::InvalidRequest(
-                "`text_pair` must be a string".into(),
-            )))
+            return Err(fail(Error::InvalidRequest(format!(
+                "`{}` must be a string",
+                fields.pair
+            ))))
         }
     };
+    tasks::check(task, &text, text_pair.as_deref()).map_err(fail)?;
     Ok(Request {
         id,
         text,
@@ -134,71 +141,81 @@ fn parse_json(text: &str, task: Task) -> Result<Request, (Option<Value>, Error)>
     })
 }
 
-/// A result, as published.
-#[derive(Debug, Serialize)]
-pub struct ResultEnvelope<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub topic: Option<&'a str>,
-    pub id: Option<&'a Value>,
+/// Who answers, as every envelope says it.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    /// The model bundle's name (its folder), the same for results and errors.
     pub model: &'a str,
-    pub task: &'a str,
-    pub result: &'a Output,
-    pub windows: usize,
-    pub tokens: usize,
-    pub timings_ms: &'a Timings,
-    #[serde(skip_serializing_if = "Map::is_empty")]
-    pub meta: &'a Map<String, Value>,
+    pub task: Task,
+    /// The input topic, when the input came over MQTT.
+    pub topic: Option<&'a str>,
 }
 
-impl<'a> ResultEnvelope<'a> {
-    pub fn new(
-        model: &'a str,
-        task: &'a str,
-        request: &'a Request,
-        annotation: &'a Annotation,
-    ) -> Self {
-        ResultEnvelope {
-            topic: None,
-            id: request.id.as_ref(),
-            model,
-            task,
+/// The one way a result or an error becomes bytes: what `annotate` prints, what
+/// the daemon publishes for a bad payload at intake and what its workers publish.
+/// `id` and `meta` are the request's, when it could be read.
+pub fn envelope(
+    source: Source,
+    id: Option<&Value>,
+    meta: &Map<String, Value>,
+    outcome: Result<&Annotation, &Error>,
+) -> Vec<u8> {
+    let bytes = match outcome {
+        Ok(annotation) => serde_json::to_vec(&ResultEnvelope {
+            topic: source.topic,
+            id,
+            model: source.model,
+            task: source.task.as_str(),
             result: &annotation.result,
             windows: annotation.windows,
             tokens: annotation.tokens,
             timings_ms: &annotation.timings,
-            meta: &request.meta,
-        }
-    }
-}
-
-#[derive(Debug, Serialize)]
-pub struct ErrorBody {
-    pub code: &'static str,
-    pub reason: String,
-}
-
-/// An error, as published on the error topic.
-#[derive(Debug, Serialize)]
-pub struct ErrorEnvelope<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub topic: Option<&'a str>,
-    pub id: Option<&'a Value>,
-    pub model: &'a str,
-    pub error: ErrorBody,
-}
-
-impl<'a> ErrorEnvelope<'a> {
-    pub fn new(model: &'a str, id: Option<&'a Value>, error: &Error) -> Self {
-        ErrorEnvelope {
-            topic: None,
+            meta,
+        }),
+        Err(error) => serde_json::to_vec(&ErrorEnvelope {
+            topic: source.topic,
             id,
-            model,
+            model: source.model,
             error: ErrorBody {
                 code: error.code(),
                 reason: error.to_string(),
             },
-        }
-    }
+        }),
+    };
+    // Strings, numbers and maps of them: serialization cannot fail.
+    bytes.expect("envelopes serialize")
+}
+
+/// A result, as published.
+#[derive(Serialize)]
+struct ResultEnvelope<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic: Option<&'a str>,
+    id: Option<&'a Value>,
+    model: &'a str,
+    task: &'a str,
+    result: &'a Output,
+    windows: usize,
+    tokens: usize,
+    timings_ms: &'a Timings,
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    meta: &'a Map<String, Value>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    code: &'static str,
+    reason: String,
+}
+
+/// An error, as published on the error topic.
+#[derive(Serialize)]
+struct ErrorEnvelope<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic: Option<&'a str>,
+    id: Option<&'a Value>,
+    model: &'a str,
+    error: ErrorBody,
 }
 
 #[cfg(test)]

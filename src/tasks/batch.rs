@@ -1,15 +1,16 @@
-//! Micro-batching: the windows of several queued messages for one model run
-//! together, shortest with shortest and within `TOKENS_PER_RUN`, so a burst of
+//! The one inference path: the windows of one or several messages for one model
+//! run together, shortest with shortest and within `TOKENS_PER_RUN`, so a burst of
 //! short messages costs fewer, fuller engine runs (one 8×64 run is cheaper than
 //! eight 1×64 runs) without padding short messages to long ones or batching long
-//! windows, where it does not pay. Each message still gets its own result or its own error, the same
-//! as [`Annotator::annotate`] gives it.
+//! windows, where it does not pay. Each message still gets its own result or its
+//! own error. [`Annotator::annotate`] and [`Annotator::infer`] are this path with
+//! one item, so a message gets the same answer alone as in a micro-batch.
 
 use std::time::Instant;
 
-use super::windows::Window;
+use super::windows::{Window, Windower};
 use super::{runs, Annotation, Annotator, Timings};
-use crate::engine::{EngineState, Logits};
+use crate::engine::{Batch, EngineState, Logits};
 use crate::error::{Error, Result};
 
 /// One message of a micro-batch, with the annotator of its route. Every item must
@@ -20,14 +21,54 @@ pub struct Item<'a> {
     pub pair: Option<&'a str>,
 }
 
+/// One item's windows and their logits (padded to its longest window), with the
+/// time its tokenization and its share of the engine runs took.
+pub struct Inferred {
+    pub windows: Vec<Window>,
+    pub logits: Logits,
+    pub tokenize_ms: f64,
+    pub inference_ms: f64,
+}
+
+fn ms(a: Instant, b: Instant) -> f64 {
+    (b - a).as_secs_f64() * 1e3
+}
+
 /// Annotates `items` together; the i-th outcome belongs to the i-th item. A bad
 /// item fails alone; an engine failure fails the items whose windows were in
 /// that run.
 pub fn annotate_batch(state: &mut EngineState, items: &[Item]) -> Vec<Result<Annotation>> {
+    infer_batch(state, items)
+        .into_iter()
+        .zip(items)
+        .map(|(inferred, item)| {
+            let inferred = inferred?;
+            let t = Instant::now();
+            let result = item.annotator.postprocess(
+                item.text,
+                item.pair,
+                &inferred.windows,
+                &inferred.logits,
+            );
+            Ok(Annotation {
+                result,
+                windows: inferred.windows.len(),
+                tokens: inferred.windows.iter().map(|w| w.ids.len()).sum(),
+                timings: Timings {
+                    tokenize_ms: inferred.tokenize_ms,
+                    inference_ms: inferred.inference_ms,
+                    postprocess_ms: ms(t, Instant::now()),
+                },
+            })
+        })
+        .collect()
+}
+
+/// Windows and logits of every item: checks and tokenization, then the engine runs.
+pub fn infer_batch(state: &mut EngineState, items: &[Item]) -> Vec<Result<Inferred>> {
     let Some(first) = items.first() else {
         return Vec::new();
     };
-    let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
     let mut tokenize_ms = Vec::with_capacity(items.len());
     let prepared: Vec<Result<Vec<Window>>> = items
         .iter()
@@ -43,16 +84,6 @@ pub fn annotate_batch(state: &mut EngineState, items: &[Item]) -> Vec<Result<Ann
         })
         .collect();
 
-    // (item, window) of every window, shortest first.
-    let mut order: Vec<(usize, usize)> = prepared
-        .iter()
-        .enumerate()
-        .filter_map(|(i, p)| p.as_ref().ok().map(|w| (i, w.len())))
-        .flat_map(|(i, n)| (0..n).map(move |w| (i, w)))
-        .collect();
-    let len = |&(i, w): &(usize, usize)| prepared[i].as_ref().map_or(0, |ws| ws[w].ids.len());
-    order.sort_by_key(len);
-
     // Logit rows per window, and engine time and failures per item.
     let mut rows: Vec<Vec<Option<Vec<f32>>>> = prepared
         .iter()
@@ -62,16 +93,7 @@ pub fn annotate_batch(state: &mut EngineState, items: &[Item]) -> Vec<Result<Ann
     let mut failed: Vec<Option<String>> = vec![None; items.len()];
     let mut labels = 0;
     let mut per_token = true;
-    let windower = first.annotator.windower();
-    let sizes = runs(order.iter().map(len));
-    let mut rest = order.as_slice();
-    for n in sizes {
-        let (chunk, tail) = rest.split_at(n);
-        rest = tail;
-        let windows = chunk
-            .iter()
-            .map(|&(i, w)| &prepared[i].as_ref().expect("only prepared items")[w]);
-        let batch = windower.batch_of(windows, 0);
+    for (batch, chunk) in runs_of(first.annotator.windower(), &prepared) {
         let t = Instant::now();
         let result = state.run(&batch);
         let took = ms(t, Instant::now());
@@ -103,25 +125,49 @@ pub fn annotate_batch(state: &mut EngineState, items: &[Item]) -> Vec<Result<Ann
         .enumerate()
         .map(|(i, windows)| {
             let windows = windows?;
+            if windows.is_empty() {
+                return Err(Error::Inference("no windows".into()));
+            }
             if let Some(e) = &failed[i] {
                 return Err(Error::Inference(e.clone()));
             }
-            let item = &items[i];
             let logits = item_logits(&windows, &mut rows[i], labels, per_token);
-            let t = Instant::now();
-            let result = item
-                .annotator
-                .postprocess(item.text, item.pair, &windows, &logits);
-            Ok(Annotation {
-                result,
-                windows: windows.len(),
-                tokens: windows.iter().map(|w| w.ids.len()).sum(),
-                timings: Timings {
-                    tokenize_ms: tokenize_ms[i],
-                    inference_ms: inference_ms[i],
-                    postprocess_ms: ms(t, Instant::now()),
-                },
+            Ok(Inferred {
+                windows,
+                logits,
+                tokenize_ms: tokenize_ms[i],
+                inference_ms: inference_ms[i],
             })
+        })
+        .collect()
+}
+
+/// The engine runs for the windows of the prepared items: every window, shortest
+/// first, in runs within `WINDOWS_PER_RUN` and `TOKENS_PER_RUN`, each with the
+/// (item, window) of its rows.
+pub(crate) fn runs_of(
+    windower: &Windower,
+    prepared: &[Result<Vec<Window>>],
+) -> Vec<(Batch, Vec<(usize, usize)>)> {
+    let mut order: Vec<(usize, usize)> = prepared
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.as_ref().ok().map(|w| (i, w.len())))
+        .flat_map(|(i, n)| (0..n).map(move |w| (i, w)))
+        .collect();
+    let window = |&(i, w): &(usize, usize)| &prepared[i].as_ref().expect("only prepared items")[w];
+    order.sort_by_key(|iw| window(iw).ids.len());
+    let sizes = runs(order.iter().map(|iw| window(iw).ids.len()));
+    let mut rest = order.as_slice();
+    sizes
+        .into_iter()
+        .map(|n| {
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
+            (
+                windower.batch_of(chunk.iter().map(window), 0),
+                chunk.to_vec(),
+            )
         })
         .collect()
 }

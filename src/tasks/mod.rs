@@ -11,7 +11,6 @@ pub mod token;
 pub mod windows;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use serde::Serialize;
 
@@ -23,28 +22,105 @@ use text::LabelScore;
 use token::{Entity, SubwordRule, TokenClassifier};
 use windows::{Window, Windower};
 
-/// Per-route (or per-invocation) task options. `None` means "what the bundle's
-/// card says", as the pipelines default from the model config.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+/// Task options, declared once: the command line's flags (`annotate`, `eval`), the
+/// TOML keys of a route's `options` and a model's section, and what
+/// [`Annotator::new`] reads. `None` means "what the bundle's card says", as the
+/// pipelines default from the model config; each task module owns its defaults.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct TaskOptions {
+    /// Token classification grouping; default: the bundle's (simple for BIO tags).
+    #[arg(long, value_enum)]
     pub aggregation: Option<Aggregation>,
-    /// Labels returned by text classification (0 = all), answers by question
-    /// answering. Default 1 (the pipelines' default).
+    /// Text classification: labels returned (0 = all); question answering: answers; default 1.
+    #[arg(long)]
     pub top_k: Option<usize>,
+    /// Text classification: softmax, sigmoid or none; default from the bundle's problem_type.
+    #[arg(long, value_enum)]
     pub function_to_apply: Option<ScoreFunction>,
-    /// Tokens per window (special tokens included); at most the model's maximum.
-    /// Question answering: the pipeline's `max_seq_len` (default min(maximum, 384)).
+    /// Tokens per window, special tokens included (default: the model's maximum; QA: min(maximum, 384)).
+    #[arg(long)]
     pub window: Option<usize>,
-    /// Tokens shared by neighbouring windows. Question answering: the pipeline's
-    /// `doc_stride` (default min(window / 2, 128)).
+    /// Tokens shared by neighbouring windows (default min(window / 4, 128); QA: the pipeline's doc_stride, min(window / 2, 128)).
+    #[arg(long)]
     pub stride: Option<usize>,
-    /// Windows one text may need before it is refused as `text_too_long`.
+    /// Windows one text may need before it is refused as `text_too_long` (default 16).
+    #[arg(long)]
     pub max_windows: Option<usize>,
     /// Question answering: longest answer in tokens (default 15).
+    #[arg(long)]
     pub max_answer_len: Option<usize>,
-    /// Question answering: also offer the empty answer (default false).
+    /// Question answering: also offer the empty answer, scored by [CLS] (default false).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub handle_impossible_answer: Option<bool>,
+}
+
+impl TaskOptions {
+    /// These options, with each unset one taken from `base` (a route's over its model's).
+    pub fn or(&self, base: &TaskOptions) -> TaskOptions {
+        TaskOptions {
+            aggregation: self.aggregation.or(base.aggregation),
+            top_k: self.top_k.or(base.top_k),
+            function_to_apply: self.function_to_apply.or(base.function_to_apply),
+            window: self.window.or(base.window),
+            stride: self.stride.or(base.stride),
+            max_windows: self.max_windows.or(base.max_windows),
+            max_answer_len: self.max_answer_len.or(base.max_answer_len),
+            handle_impossible_answer: self
+                .handle_impossible_answer
+                .or(base.handle_impossible_answer),
+        }
+    }
+
+    /// Whether any option that shapes windows is set (they are checked against the model).
+    pub fn sets_windows(&self) -> bool {
+        self.window.is_some() || self.stride.is_some() || self.max_windows.is_some()
+    }
+}
+
+/// Where a task's request lives in a JSON payload, and whether a payload may be
+/// the text itself. Each task module declares its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fields {
+    /// The text (question answering: the question).
+    pub text: &'static str,
+    /// The second text (`text_pair`; question answering: the context).
+    pub pair: &'static str,
+    /// Whether the second text must be there.
+    pub pair_required: bool,
+    /// Whether a payload may be the text itself.
+    pub plain_text: bool,
+}
+
+/// The request fields of a task.
+pub fn fields(task: Task) -> Fields {
+    match task {
+        Task::TokenClassification => token::FIELDS,
+        Task::TextClassification => text::FIELDS,
+        Task::QuestionAnswering => qa::FIELDS,
+    }
+}
+
+/// Checks one request against its task: what payload parsing and
+/// [`Annotator::prepare`] both run, so every entry point refuses the same things
+/// with the same codes.
+pub fn check(task: Task, text: &str, pair: Option<&str>) -> Result<()> {
+    match task {
+        Task::TokenClassification => token::check(text, pair),
+        Task::TextClassification => text::check(text),
+        Task::QuestionAnswering => qa::check(text, pair),
+    }
+}
+
+/// A field that must hold more than white space.
+fn non_empty(field: &'static str, value: &str) -> Result<()> {
+    if !value.trim().is_empty() {
+        Ok(())
+    } else if field == "text" {
+        Err(Error::EmptyText)
+    } else {
+        Err(Error::EmptyField { field })
+    }
 }
 
 pub const DEFAULT_MAX_WINDOWS: usize = 16;
@@ -117,43 +193,20 @@ pub struct Annotator {
 impl Annotator {
     pub fn new(bundle: Arc<Bundle>, options: &TaskOptions) -> Result<Annotator> {
         let config = &bundle.config;
-        let qa_task = config.task == Task::QuestionAnswering;
-        let window = options.window.unwrap_or(if qa_task {
-            config.max_length.min(384)
-        } else {
-            config.max_length
-        });
+        let task = config.task;
+        let (window, stride) = match task {
+            Task::QuestionAnswering => qa::sizes(options, config.max_length),
+            _ => windows::sizes(options, config.max_length),
+        };
         if window > config.max_length {
             return Err(Error::InvalidRequest(format!(
                 "window {window} is larger than the model's maximum of {} tokens",
                 config.max_length
             )));
         }
-        let stride = options.stride.unwrap_or(if qa_task {
-            (window / 2).min(128)
-        } else {
-            (window / 4).min(128)
-        });
-        let qa = QaParams {
-            top_k: match options.top_k {
-                Some(0) if qa_task => {
-                    return Err(Error::InvalidRequest(
-                        "top_k must be at least 1 for question answering".into(),
-                    ))
-                }
-                Some(k) => k,
-                None => 1,
-            },
-            max_answer_len: match options.max_answer_len {
-                Some(0) => {
-                    return Err(Error::InvalidRequest(
-                        "max_answer_len must be at least 1".into(),
-                    ))
-                }
-                Some(n) => n,
-                None => QaParams::default().max_answer_len,
-            },
-            handle_impossible_answer: options.handle_impossible_answer.unwrap_or(false),
+        let qa = match task {
+            Task::QuestionAnswering => QaParams::from_options(options)?,
+            _ => QaParams::default(),
         };
         let tokenizer = &bundle.tokenizer;
         let pad_id = config
@@ -183,11 +236,7 @@ impl Annotator {
             rule: SubwordRule::for_tokenizer(tokenizer),
             unk_id,
             aggregation: options.aggregation.unwrap_or(config.default_aggregation),
-            top_k: match options.top_k {
-                Some(0) => None,
-                Some(k) => Some(k),
-                None => Some(1),
-            },
+            top_k: text::top_k(options),
             function: options
                 .function_to_apply
                 .unwrap_or_else(|| config.default_score_function()),
@@ -209,24 +258,25 @@ impl Annotator {
     }
 
     /// Windows of a text and their logits: the raw material of every task.
-    /// Question answering: `text` is the question, `pair` the context.
+    /// Question answering: `text` is the question, `pair` the context. The batch
+    /// path with one item.
     pub fn infer(
         &self,
         state: &mut EngineState,
         text: &str,
         pair: Option<&str>,
     ) -> Result<(Vec<Window>, Logits)> {
-        let windows = self.encode(text, pair)?;
-        let logits = self.run(state, &windows)?;
-        Ok((windows, logits))
-    }
-
-    fn encode(&self, text: &str, pair: Option<&str>) -> Result<Vec<Window>> {
-        match (self.task(), pair) {
-            (Task::QuestionAnswering, Some(context)) => self.windower.encode_qa(text, context),
-            (Task::QuestionAnswering, None) => Err(Error::MissingField { field: "context" }),
-            (_, pair) => self.windower.encode(text, pair),
-        }
+        let item = batch::Item {
+            annotator: self,
+            text,
+            pair,
+        };
+        let inferred = batch::infer_batch(state, std::slice::from_ref(&item));
+        let one = inferred
+            .into_iter()
+            .next()
+            .expect("one item, one outcome")?;
+        Ok((one.windows, one.logits))
     }
 
     /// Task results from the logits of a text's windows: pure, no model involved.
@@ -265,100 +315,42 @@ impl Annotator {
         }
     }
 
-    /// The model inputs of a text's windows: runs within `WINDOWS_PER_RUN` and
-    /// `TOKENS_PER_RUN`, every one padded to the longest window, so their logits
-    /// concatenate as rows. Public so that benchmarks can feed other engines exactly
-    /// the same tensors.
+    /// The model inputs the batch path runs for one text's windows. Public so that
+    /// benchmarks can feed other engines exactly the same tensors.
     pub fn batches(&self, windows: &[Window]) -> Vec<crate::engine::Batch> {
-        let seq_len = windows.iter().map(|w| w.ids.len()).max().unwrap_or(0);
-        let mut rest = windows;
-        runs(windows.iter().map(|_| seq_len))
+        let prepared = [Ok(windows.to_vec())];
+        batch::runs_of(&self.windower, &prepared)
             .into_iter()
-            .map(|n| {
-                let (run, tail) = rest.split_at(n);
-                rest = tail;
-                self.windower.batch(run, seq_len)
-            })
+            .map(|(batch, _)| batch)
             .collect()
     }
 
-    fn run(&self, state: &mut EngineState, windows: &[Window]) -> Result<Logits> {
-        let mut all: Option<Logits> = None;
-        for batch in self.batches(windows) {
-            let logits = state.run(&batch)?;
-            match &mut all {
-                None => all = Some(logits),
-                Some(acc) => {
-                    acc.values.extend(logits.values);
-                    acc.rows += logits.rows;
-                }
-            }
-        }
-        all.ok_or_else(|| Error::Inference("no windows".into()))
-    }
-
+    /// One text through the whole task path: the batch path with one item, so a
+    /// message gets the same result alone as in a micro-batch.
     pub fn annotate(
         &self,
         state: &mut EngineState,
         text: &str,
         pair: Option<&str>,
     ) -> Result<Annotation> {
-        let t0 = Instant::now();
-        let windows = self.prepare(text, pair)?;
-        let t1 = Instant::now();
-        let logits = self.run(state, &windows)?;
-        let t2 = Instant::now();
-        let result = self.postprocess(text, pair, &windows, &logits);
-        let t3 = Instant::now();
-        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
-        Ok(Annotation {
-            result,
-            windows: windows.len(),
-            tokens: windows.iter().map(|w| w.ids.len()).sum(),
-            timings: Timings {
-                tokenize_ms: ms(t0, t1),
-                inference_ms: ms(t1, t2),
-                postprocess_ms: ms(t2, t3),
-            },
-        })
+        let item = batch::Item {
+            annotator: self,
+            text,
+            pair,
+        };
+        batch::annotate_batch(state, std::slice::from_ref(&item))
+            .into_iter()
+            .next()
+            .expect("one item, one outcome")
     }
 
     /// Checks a request against the task and cuts it into windows.
     pub fn prepare(&self, text: &str, pair: Option<&str>) -> Result<Vec<Window>> {
-        let task = self.task();
-        if text.trim().is_empty() {
-            return Err(match task {
-                Task::QuestionAnswering => Error::EmptyField { field: "question" },
-                _ => Error::EmptyText,
-            });
+        check(self.task(), text, pair)?;
+        match (self.task(), pair) {
+            (Task::QuestionAnswering, Some(context)) => self.windower.encode_qa(text, context),
+            (_, pair) => self.windower.encode(text, pair),
         }
-        match (task, pair) {
-            (Task::TokenClassification, Some(_)) => {
-                return Err(Error::InvalidRequest(
-                    "text_pair is only for text classification".into(),
-                ))
-            }
-            (Task::QuestionAnswering, None) => {
-                return Err(Error::MissingField { field: "context" })
-            }
-            (Task::QuestionAnswering, Some(c)) if c.trim().is_empty() => {
-                return Err(Error::EmptyField { field: "context" })
-            }
-            _ => {}
-        }
-        self.encode(text, pair)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn runs_respect_both_limits() {
-        assert_eq!(super::runs([64; 10]), [8, 2]);
-        assert_eq!(super::runs([512, 512, 100]), [1, 1, 1]);
-        assert_eq!(super::runs([10, 20, 100, 200, 300]), [3, 1, 1]);
-        assert_eq!(super::runs([600]), [1]);
-        assert!(super::runs([]).is_empty());
     }
 }
 
@@ -374,5 +366,17 @@ fn unk_token(tokenizer: &tokenizers::Tokenizer) -> Option<String> {
             .iter()
             .find(|t| tokenizer.token_to_id(t).is_some())
             .map(|t| t.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn runs_respect_both_limits() {
+        assert_eq!(super::runs([64; 10]), [8, 2]);
+        assert_eq!(super::runs([512, 512, 100]), [1, 1, 1]);
+        assert_eq!(super::runs([10, 20, 100, 200, 300]), [3, 1, 1]);
+        assert_eq!(super::runs([600]), [1]);
+        assert!(super::runs([]).is_empty());
     }
 }

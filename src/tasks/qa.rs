@@ -11,7 +11,31 @@
 use serde::Serialize;
 
 use super::windows::Window;
+use super::{Fields, TaskOptions};
 use crate::engine::Logits;
+use crate::error::{Error, Result};
+
+/// `{"question", "context"}`, in the order the model reads them; JSON only.
+pub const FIELDS: Fields = Fields {
+    text: "question",
+    pair: "context",
+    pair_required: true,
+    plain_text: false,
+};
+
+/// A question and the context to find its answer in.
+pub fn check(question: &str, context: Option<&str>) -> Result<()> {
+    super::non_empty(FIELDS.text, question)?;
+    let context = context.ok_or(Error::MissingField { field: FIELDS.pair })?;
+    super::non_empty(FIELDS.pair, context)
+}
+
+/// Window and stride: the pipeline's `max_seq_len` (default min(maximum, 384)) and
+/// `doc_stride` (default min(window / 2, 128)).
+pub fn sizes(options: &TaskOptions, max_length: usize) -> (usize, usize) {
+    let window = options.window.unwrap_or(max_length.min(384));
+    (window, options.stride.unwrap_or((window / 2).min(128)))
+}
 
 /// The pipeline's post-processing parameters (its defaults in `Default`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -21,6 +45,35 @@ pub struct QaParams {
     pub max_answer_len: usize,
     /// Also offer the empty answer, scored by `[CLS]`.
     pub handle_impossible_answer: bool,
+}
+
+impl QaParams {
+    pub fn from_options(options: &TaskOptions) -> Result<QaParams> {
+        let defaults = QaParams::default();
+        Ok(QaParams {
+            top_k: match options.top_k {
+                Some(0) => {
+                    return Err(Error::InvalidRequest(
+                        "top_k must be at least 1 for question answering".into(),
+                    ))
+                }
+                Some(k) => k,
+                None => defaults.top_k,
+            },
+            max_answer_len: match options.max_answer_len {
+                Some(0) => {
+                    return Err(Error::InvalidRequest(
+                        "max_answer_len must be at least 1".into(),
+                    ))
+                }
+                Some(n) => n,
+                None => defaults.max_answer_len,
+            },
+            handle_impossible_answer: options
+                .handle_impossible_answer
+                .unwrap_or(defaults.handle_impossible_answer),
+        })
+    }
 }
 
 impl Default for QaParams {

@@ -9,8 +9,32 @@
 use serde::Serialize;
 
 use super::token::softmax;
+use super::{Fields, TaskOptions};
 use crate::bundle::ScoreFunction;
 use crate::engine::Logits;
+use crate::error::Result;
+
+/// `{"text", "text_pair"}`; a payload may be the text itself.
+pub const FIELDS: Fields = Fields {
+    text: "text",
+    pair: "text_pair",
+    pair_required: false,
+    plain_text: true,
+};
+
+/// A text (and optional pair) to classify.
+pub fn check(text: &str) -> Result<()> {
+    super::non_empty(FIELDS.text, text)
+}
+
+/// Labels returned: `top_k` (0 = all), default 1 as in the pipeline.
+pub fn top_k(options: &TaskOptions) -> Option<usize> {
+    match options.top_k {
+        Some(0) => None,
+        Some(k) => Some(k),
+        None => Some(1),
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LabelScore {

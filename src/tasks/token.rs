@@ -9,8 +9,29 @@
 use serde::Serialize;
 
 use super::windows::{CharIndex, Window};
+use super::Fields;
 use crate::bundle::Aggregation;
 use crate::engine::Logits;
+use crate::error::{Error, Result};
+
+/// `{"text"}`; a payload may be the text itself.
+pub const FIELDS: Fields = Fields {
+    text: "text",
+    pair: "text_pair",
+    pair_required: false,
+    plain_text: true,
+};
+
+/// One text to tag; a pair has no meaning here.
+pub fn check(text: &str, pair: Option<&str>) -> Result<()> {
+    super::non_empty(FIELDS.text, text)?;
+    match pair {
+        Some(_) => Err(Error::InvalidRequest(
+            "text_pair is only for text classification".into(),
+        )),
+        None => Ok(()),
+    }
+}
 
 /// How to tell word continuations apart, mirroring the pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

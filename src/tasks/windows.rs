@@ -10,8 +10,16 @@
 
 use tokenizers::{PostProcessor, Tokenizer, TruncationDirection};
 
+use super::TaskOptions;
 use crate::engine::Batch;
 use crate::error::{Error, Result};
+
+/// Window and stride of token and text classification: the model's maximum, and a
+/// quarter of it (at most 128) shared by neighbouring windows.
+pub fn sizes(options: &TaskOptions, max_length: usize) -> (usize, usize) {
+    let window = options.window.unwrap_or(max_length);
+    (window, options.stride.unwrap_or((window / 4).min(128)))
+}
 
 /// One window of tokens, as fed to the model.
 #[derive(Debug, Clone)]

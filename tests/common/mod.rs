@@ -51,6 +51,27 @@ impl Broker {
         self.stop();
         self.spawn();
     }
+
+    /// Freezes the broker (SIGSTOP): connections stay open, nothing is read or
+    /// acknowledged, a broker that hangs rather than one that dies.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a paused broker (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let pid = self.child.as_ref().expect("broker running").id();
+        let ok = Command::new("kill")
+            .args([which, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {which} {pid}");
+    }
 }
 
 impl Drop for Broker {
@@ -304,6 +325,53 @@ impl Daemon {
         }
     }
 
+    /// SIGTERM, then how long the daemon took to exit.
+    pub fn terminate_timed(&mut self) -> (std::process::ExitStatus, Duration) {
+        let sent = Instant::now();
+        self.signal("-TERM");
+        let status = self.wait_exit(Duration::from_secs(60));
+        (status, sent.elapsed())
+    }
+
+    /// Waits for the daemon to exit (polled every 10 ms).
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "daemon did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends a signal (`-TERM`, `-HUP`…) with `kill`.
+    pub fn signal(&self, which: &str) {
+        let ok = Command::new("kill")
+            .args([which, &self.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {which}");
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits until at least `n` log lines contain `needle`; false on timeout.
+    pub fn wait_log(&self, needle: &str, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.log_count(needle) < n {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
     pub fn stderr(mut self) -> String {
         self.kill();
         std::fs::read_to_string(&self.1).unwrap()
@@ -353,7 +421,8 @@ impl Device {
 
     fn connect_with(mut opts: MqttOptions) -> Device {
         opts.set_keep_alive(Duration::from_secs(5));
-        opts.set_max_packet_size(1 << 20, 1 << 20);
+        // Room for the oversize payloads the daemon must answer (1 MiB and more).
+        opts.set_max_packet_size(8 << 20, 8 << 20);
         let (client, mut connection) = Client::new(opts, 20_000);
         let (tx, rx) = channel();
         let sub = client.clone();
@@ -439,6 +508,29 @@ pub fn saw_status(
     let is_it = |(t, v): &(String, Value)| t == "anotador/t/status" && v["status"] == status;
     let got = device.collect(timeout, |g| g.iter().any(is_it));
     (got.iter().any(is_it), got)
+}
+
+/// The retained status of daemon `t`, as a client connecting now reads it.
+pub fn retained_status(port: u16, client_id: &str) -> Value {
+    let device = Device::connect(port, client_id);
+    let got = device.collect(Duration::from_secs(10), |g| {
+        g.iter().any(|(t, _)| t == "anotador/t/status")
+    });
+    got.into_iter()
+        .find(|(t, _)| t == "anotador/t/status")
+        .map(|(_, v)| v)
+        .unwrap_or(Value::Null)
+}
+
+/// Waits for a status of daemon `t` that satisfies `ok`; returns it, or panics
+/// with everything received.
+pub fn wait_status(device: &Device, timeout: Duration, ok: impl Fn(&Value) -> bool) -> Value {
+    let is_it = |(t, v): &(String, Value)| t == "anotador/t/status" && ok(v);
+    let got = device.collect(timeout, |g| g.iter().any(is_it));
+    match got.iter().find(|m| is_it(m)) {
+        Some((_, v)) => v.clone(),
+        None => panic!("no such status within {timeout:?}: {got:?}"),
+    }
 }
 
 pub fn wait_online(device: &Device) {

@@ -1,4 +1,5 @@
-//! MQTT topic filters and output topic templates, pure functions with no I/O.
+//! Routing: MQTT topic filters and output topic templates, parsed once when the
+//! configuration is read, pure functions with no I/O.
 //!
 //! Output topics are built only from the route's template and the *input topic's*
 //! levels (which MQTT forbids to hold wildcards); nothing in a payload can steer
@@ -8,7 +9,7 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filter {
     /// What is sent in SUBSCRIBE (`$share/GROUP/…` included).
-    pub subscription: String,
+    subscription: String,
     /// The levels matched against incoming topics (the part after the group).
     levels: Vec<String>,
 }
@@ -46,6 +47,11 @@ impl Filter {
         })
     }
 
+    /// What is sent in SUBSCRIBE (`$share/GROUP/…` included).
+    pub fn subscription(&self) -> &str {
+        &self.subscription
+    }
+
     /// The levels captured by `+` and `#` if `topic` matches, in order; `#`
     /// captures the rest of the topic as one string.
     pub fn captures(&self, topic: &str) -> Option<Vec<String>> {
@@ -73,59 +79,70 @@ impl Filter {
     }
 }
 
-/// Checks a template: balanced braces, known placeholders, no wildcards, no `$` start.
-pub fn check_template(template: &str) -> Result<(), String> {
-    if template.is_empty() {
-        return Err("the topic template is empty".into());
-    }
-    if template.contains(['+', '#']) {
-        return Err("a topic to publish to cannot hold `+` or `#`".into());
-    }
-    if template.starts_with('$') {
-        return Err("`$` topics are reserved for the broker".into());
-    }
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        let close = rest[open..].find('}').ok_or("unclosed `{`")? + open;
-        let name = &rest[open + 1..close];
-        let known = matches!(name, "topic" | "model" | "name")
-            || name.parse::<usize>().is_ok_and(|n| n >= 1);
-        if !known {
-            return Err(format!("unknown placeholder `{{{name}}}`: use {{topic}}, {{model}}, {{name}} or {{1}}, {{2}}…"));
-        }
-        rest = &rest[close + 1..];
-    }
-    if rest.contains('}') {
-        return Err("unmatched `}`".into());
-    }
-    Ok(())
-}
+/// An output or error topic template, checked: balanced braces, known
+/// placeholders, no wildcards, no `$` start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template(String);
 
-/// Fills a checked template. A capture that does not exist becomes `_`.
-pub fn render(template: &str, topic: &str, captures: &[String], model: &str, name: &str) -> String {
-    let mut out = String::with_capacity(template.len() + topic.len());
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        let close = rest[open..].find('}').map_or(rest.len(), |c| c + open);
-        let key = &rest[open + 1..close.min(rest.len())];
-        match key {
-            "topic" => out.push_str(topic),
-            "model" => out.push_str(model),
-            "name" => out.push_str(name),
-            n => match n
-                .parse::<usize>()
-                .ok()
-                .and_then(|i| captures.get(i.wrapping_sub(1)))
-            {
-                Some(c) if !c.is_empty() => out.push_str(c),
-                _ => out.push('_'),
-            },
+impl Template {
+    pub fn parse(template: &str) -> Result<Template, String> {
+        if template.is_empty() {
+            return Err("the topic template is empty".into());
         }
-        rest = rest.get(close + 1..).unwrap_or("");
+        if template.contains(['+', '#']) {
+            return Err("a topic to publish to cannot hold `+` or `#`".into());
+        }
+        if template.starts_with('$') {
+            return Err("`$` topics are reserved for the broker".into());
+        }
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            let close = rest[open..].find('}').ok_or("unclosed `{`")? + open;
+            let name = &rest[open + 1..close];
+            let known = matches!(name, "topic" | "model" | "name")
+                || name.parse::<usize>().is_ok_and(|n| n >= 1);
+            if !known {
+                return Err(format!("unknown placeholder `{{{name}}}`: use {{topic}}, {{model}}, {{name}} or {{1}}, {{2}}…"));
+            }
+            rest = &rest[close + 1..];
+        }
+        if rest.contains('}') {
+            return Err("unmatched `}`".into());
+        }
+        Ok(Template(template.to_string()))
     }
-    out.push_str(rest);
-    out
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The topic for one input. A capture that does not exist becomes `_`.
+    pub fn render(&self, topic: &str, captures: &[String], model: &str, name: &str) -> String {
+        let mut out = String::with_capacity(self.0.len() + topic.len());
+        let mut rest = self.0.as_str();
+        // Parsing proved every `{` has its `}` and names a known placeholder.
+        while let Some(open) = rest.find('{') {
+            out.push_str(&rest[..open]);
+            let close = rest[open..].find('}').map_or(rest.len(), |c| c + open);
+            let key = &rest[open + 1..close.min(rest.len())];
+            match key {
+                "topic" => out.push_str(topic),
+                "model" => out.push_str(model),
+                "name" => out.push_str(name),
+                n => match n
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|i| captures.get(i.wrapping_sub(1)))
+                {
+                    Some(c) if !c.is_empty() => out.push_str(c),
+                    _ => out.push('_'),
+                },
+            }
+            rest = rest.get(close + 1..).unwrap_or("");
+        }
+        out.push_str(rest);
+        out
+    }
 }
 
 #[cfg(test)]
@@ -139,7 +156,7 @@ mod tests {
         assert_eq!(f.captures("sensors/a1/other"), None);
         assert_eq!(f.captures("sensors/a1/text/x"), None);
         let f = Filter::parse("$share/g1/in/#").unwrap();
-        assert_eq!(f.subscription, "$share/g1/in/#");
+        assert_eq!(f.subscription(), "$share/g1/in/#");
         assert_eq!(f.captures("in/a/b"), Some(vec!["a/b".to_string()]));
         assert_eq!(f.captures("in"), Some(vec!["".to_string()]));
         assert_eq!(
@@ -157,7 +174,7 @@ mod tests {
 
     #[test]
     fn templates_render_only_from_topic_levels() {
-        check_template("out/{model}/{1}").unwrap();
+        Template::parse("out/{model}/{1}").unwrap();
         for bad in [
             "out/+",
             "out/#",
@@ -167,20 +184,16 @@ mod tests {
             "out/{1",
             "out/}",
         ] {
-            assert!(check_template(bad).is_err(), "{bad}");
+            assert!(Template::parse(bad).is_err(), "{bad}");
         }
         let c = vec!["dev-7".to_string()];
-        assert_eq!(
-            render("out/{model}/{1}", "in/dev-7", &c, "ner", "a"),
-            "out/ner/dev-7"
-        );
-        assert_eq!(
-            render("out/{2}/{name}", "in/dev-7", &c, "ner", "a"),
-            "out/_/a"
-        );
-        assert_eq!(
-            render("{topic}/ner", "in/dev-7", &c, "ner", "a"),
-            "in/dev-7/ner"
-        );
+        let render = |t: &str| {
+            Template::parse(t)
+                .unwrap()
+                .render("in/dev-7", &c, "ner", "a")
+        };
+        assert_eq!(render("out/{model}/{1}"), "out/ner/dev-7");
+        assert_eq!(render("out/{2}/{name}"), "out/_/a");
+        assert_eq!(render("{topic}/ner"), "in/dev-7/ner");
     }
 }
