@@ -7,9 +7,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use anotador::engine::{Int8Path, Rewrites};
 use anotador::eval::DataFormat;
 use anotador::message::{self, PayloadFormat, Source};
-use anotador::engine::{Int8Path, Rewrites};
 use anotador::{Annotator, Bundle, TaskOptions};
 
 #[derive(Parser)]
@@ -85,7 +85,10 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn load(&self) -> anyhow::Result<Annotator> {
-        let bundle = Arc::new(Bundle::load_with(&self.model, Rewrites::for_path(self.int8))?);
+        let bundle = Arc::new(Bundle::load_with(
+            &self.model,
+            Rewrites::for_path(self.int8),
+        )?);
         Ok(Annotator::new(bundle, &self.options)?)
     }
 }

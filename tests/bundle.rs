@@ -83,6 +83,24 @@ fn gelu_fusion_keeps_outputs_and_happens() {
     let b = plain.state().unwrap().run(&batch()).unwrap();
     let d = max_delta(&a.values, &b.values);
     assert!(d < 1e-4, "fused GELU changed logits by {d}");
+
+    // On the int8 path the GELU moves into the epilogue of the matmul before it.
+    let native = |fuse_gelu| {
+        Engine::load_with(
+            &dir,
+            Rewrites {
+                fuse_gelu,
+                ..Rewrites::for_path(Int8Path::Native)
+            },
+        )
+        .unwrap()
+    };
+    let (folded, plain) = (native(true), native(false));
+    assert_eq!(folded.info().rewrites.gelu_into_matmul, 2);
+    let a = folded.state().unwrap().run(&batch()).unwrap();
+    let b = plain.state().unwrap().run(&batch()).unwrap();
+    let d = max_delta(&a.values, &b.values);
+    assert!(d < 1e-4, "GELU in the int8 epilogue changed logits by {d}");
 }
 
 fn load(dir: &Path, int8: Int8Rewrite) -> Engine {

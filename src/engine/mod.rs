@@ -320,6 +320,18 @@ impl Engine {
                 *census.entry(node.op.name().to_string()).or_default() += 1;
             }
             log::debug!("{}: optimised graph ops {census:?}", path.display());
+            for node in typed.nodes() {
+                log::trace!(
+                    "node {} {} {:?} <- {:?}",
+                    node.id,
+                    node.op.name(),
+                    node.outputs
+                        .iter()
+                        .map(|o| format!("{:?}", o.fact.shape))
+                        .collect::<Vec<_>>(),
+                    node.inputs
+                );
+            }
         }
         let fact = typed
             .output_fact(0)

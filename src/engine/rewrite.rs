@@ -120,6 +120,9 @@ pub fn rewrite(graph: &mut GraphProto, which: Rewrites, registry: &mut Registry)
         fuse_tanh_gelu(graph, &mut report);
     }
     if which.fuse_gelu {
+        // The GELU pattern's own nodes still read the matmul's output until the
+        // dead ones go.
+        report.nodes_removed += remove_dead_nodes(graph);
         report.gelu_into_matmul = fold_gelu_into_qmatmul(graph);
     }
     if which.fuse_layer_norm {
