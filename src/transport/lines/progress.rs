@@ -77,7 +77,9 @@ pub fn line(done: u64, elapsed: Duration, bytes: Option<(u64, u64, u64)>) -> Str
         if size > 0 {
             let at = at.min(size);
             text.push_str(&format!(", {:.1} %", at as f64 * 100.0 / size as f64));
-            if read > 0 && secs > 0.0 {
+            // Not before the first second of lines: the reader's buffer runs ahead
+            // of them at first (64 KiB, nothing on a file worth a progress line).
+            if read > 0 && done > 0 && secs >= 1.0 {
                 let left = (size - at) as f64 / (read as f64 / secs);
                 text.push_str(&format!(", ETA {}", clock(left)));
             }
@@ -145,6 +147,11 @@ mod tests {
     fn progress_line_says_rate_share_and_time_left() {
         let s = Duration::from_secs;
         assert_eq!(line(0, Duration::ZERO, None), "annotate: 0 lines");
+        assert_eq!(
+            line(0, Duration::from_millis(10), Some((65536, 65536, 1 << 20))),
+            "annotate: 0 lines, 0.0 lines/s, 6.2 %",
+            "no ETA before lines are done"
+        );
         assert_eq!(line(500, s(10), None), "annotate: 500 lines, 50.0 lines/s");
         // 1/4 of the file read in 10 s after a resume started at 0: 30 s left.
         assert_eq!(
