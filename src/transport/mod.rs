@@ -5,8 +5,10 @@
 //! reply handle of its own ([`pool::Reply`](crate::pool::Reply)); the reply handle
 //! turns the outcome into bytes with [`message::envelope`](crate::message::envelope)
 //! and sends them back its own way. The service and its worker pools know nothing
-//! of transports, so another one (stdin, HTTP) is a module beside `mqtt`.
+//! of transports, so another one (stdin, HTTP) is a module beside `mqtt`:
+//! `lines` is `annotate`'s (lines of a file or stdin, answers in input order).
 
+pub mod lines;
 pub mod mqtt;
 
 /// What the process asks of a running transport, from outside its I/O.
