@@ -66,15 +66,26 @@ run_one() {
   sleep 2
   local loaded
   loaded=$(rss_kib "$pid")
-  local t0 t1 peak=0 now
+  local t0 t1 peak
   t0=$(date +%s.%N)
   cat "$input" > "$fifo" &
-  while now=$(rss_kib "$pid"); [ -n "$now" ]; do
-    if [ "$now" -gt "$peak" ]; then peak=$now; fi
-    sleep 0.05
-  done
-  t1=$(date +%s.%N)
+  # The sampler polls until the process is gone; the end time is taken after
+  # `wait`, not from the sampler: a /proc read that comes back empty (a busy
+  # thread group, a torn read) must not end the timing early.
+  (
+    p=0
+    while kill -0 "$pid" 2>/dev/null; do
+      now=$(rss_kib "$pid")
+      if [ -n "$now" ] && [ "$now" -gt "$p" ]; then p=$now; fi
+      sleep 0.05
+    done
+    echo "$p" > "$TMP/peak"
+  ) &
+  local sampler=$!
   wait "$pid"
+  t1=$(date +%s.%N)
+  wait "$sampler"
+  peak=$(cat "$TMP/peak")
   local lines
   lines=$(wc -l < "$out")
   if [ "$lines" -ne "$(wc -l < "$input")" ]; then
