@@ -6,7 +6,13 @@
 //! turns the outcome into bytes with [`message::envelope`](crate::message::envelope)
 //! and sends them back its own way. The service and its worker pools know nothing
 //! of transports, so another one (stdin, HTTP) is a module beside `mqtt`.
+//!
+//! `broker` is the embedded MQTT broker (`[broker.embedded]`, cargo feature
+//! `broker`): not a transport of its own but a broker in the process, which the
+//! `mqtt` transport connects to like any other.
 
+#[cfg(feature = "broker")]
+pub mod broker;
 pub mod mqtt;
 
 /// What the process asks of a running transport, from outside its I/O.
