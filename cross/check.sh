@@ -8,7 +8,10 @@
 #    of cross/samples.txt with each shipped model (models/ner-es, pos-es, emotion-es),
 #    and compares the JSON with what the native BIN printed (default
 #    target/debug/anotador, which `cargo test` builds): labels, words, offsets and
-#    every other field exactly, `score` within 1e-4, `timings_ms` ignored (cross/compare.jq).
+#    every other field exactly, `score` within 1e-3, `timings_ms` ignored (cross/compare.jq).
+#    Why 1e-3: activations are quantized to int8 per row, so a last-bit difference in an
+#    f32 value before quantization (armv7 NEON has no fused multiply-add) can move it one
+#    quantum, seen as up to 2.7e-4 on a softmax score; labels and offsets stay exact.
 # VAR=VALUE pairs are set for that CPU's runs: tract reads /proc/cpuinfo to pick
 # kernels and qemu-user shows the host's there, so TRACT_CPU_AARCH64_KIND /
 # TRACT_CPU_ARM32_NEON stand in for what a real Pi reports (cross/README.md).
@@ -100,7 +103,7 @@ for spec in $cpus; do
     [ -n "$kernels" ] || kernels="$(sed -n 's/.*\] \(ISA: .*\|mmm tiers for .*: \(.*\)\|CPU optimisation: .*\)$/\1/p' \
       "$work/arm-$m.err" | sed 's/^mmm tiers for .*: /tiers: /' | sort -u | paste -sd ';' -)"
     result="$(jq -nc --slurpfile a "$work/native-$m.jsonl" --slurpfile b "$work/arm-$m.jsonl" \
-      --argjson tol 1e-4 -f cross/compare.jq)"
+      --argjson tol 1e-3 -f cross/compare.jq)"
     echo "annotate $m: $result"
     jq -e .ok >/dev/null <<<"$result" || { failed=1; same=DIFFERENT; }
   done

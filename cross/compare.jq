@@ -1,5 +1,5 @@
 # Compares two streams of anotador JSON envelopes (one per line):
-#   jq -n --slurpfile a NATIVE.jsonl --slurpfile b OTHER.jsonl --argjson tol 1e-4 -f cross/compare.jq
+#   jq -n --slurpfile a NATIVE.jsonl --slurpfile b OTHER.jsonl --argjson tol 1e-3 -f cross/compare.jq
 # Everything must be equal except `score` values (f32 printed as JSON), which may
 # differ by `tol`, and `timings_ms`, which is ignored. Prints a one-line summary
 # {"lines": N, "max_score_diff": D, "mismatches": [first 5], "ok": BOOL}; the caller

@@ -1,6 +1,6 @@
 //! The command line: thin wiring over the library. anyhow lives here only.
 
-use std::io::{BufRead, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -9,7 +9,8 @@ use clap::{Args, Parser, Subcommand};
 
 use anotador::engine::{Int8Path, Rewrites};
 use anotador::eval::DataFormat;
-use anotador::message::{self, PayloadFormat, Source};
+use anotador::message::PayloadFormat;
+use anotador::transport::lines;
 use anotador::{Annotator, Bundle, TaskOptions};
 
 #[derive(Parser)]
@@ -24,8 +25,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Annotate lines of stdin (text, or JSON objects with --format json: {"text"} or, for
-    /// question answering, {"question", "context"}); one JSON result per line.
+    /// Annotate lines of stdin or a file (text, or JSON objects with --format json:
+    /// {"text"} or, for question answering, {"question", "context"}); one JSON result
+    /// per line, in input order. A summary line goes to stderr at the end.
     Annotate {
         #[command(flatten)]
         model: ModelArgs,
@@ -35,6 +37,28 @@ enum Command {
         /// Lines longer than this many bytes get a `payload_too_large` error.
         #[arg(long, default_value_t = 1 << 20)]
         max_bytes: usize,
+        /// Read this file instead of stdin; gzip if it ends in .gz.
+        #[arg(long, short)]
+        input: Option<PathBuf>,
+        /// Write this file instead of stdout; gzip if it ends in .gz. An existing file
+        /// is refused unless --resume or --overwrite.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Worker threads, each with its own engine state; default: the cores this
+        /// process may use.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Continue an interrupted run: keep the complete lines of --output (a
+        /// partial last line is dropped) and skip the input lines they answer.
+        #[arg(long, requires = "output", conflicts_with = "overwrite")]
+        resume: bool,
+        /// Replace an existing --output file.
+        #[arg(long)]
+        overwrite: bool,
+        /// Neither the progress line (shown only when stderr is a terminal) nor the
+        /// summary.
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Score a bundle on labelled data: CoNLL (entity F1), CoNLL-U (UPOS accuracy), TSV
     /// (accuracy, macro-F1) or SQuAD v1.1 JSON (exact match, F1).
@@ -137,10 +161,30 @@ fn main() -> anyhow::Result<()> {
             model,
             format,
             max_bytes,
+            input,
+            output,
+            threads,
+            resume,
+            overwrite,
+            quiet,
         } => {
-            let annotator = model.load()?;
-            let format = format.unwrap_or(PayloadFormat::default_for(annotator.task()));
-            annotate(&annotator, format, max_bytes)
+            let annotator = Arc::new(model.load()?);
+            let settings = lines::Settings {
+                format: format.unwrap_or(PayloadFormat::default_for(annotator.task())),
+                max_bytes,
+                input,
+                output,
+                threads: threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+                resume,
+                overwrite,
+                progress: !quiet && std::io::stderr().is_terminal(),
+            };
+            let summary = lines::run(annotator, &settings)?;
+            if !quiet {
+                eprintln!("{summary}");
+            }
+            Ok(())
         }
         Command::Eval {
             model,
@@ -210,45 +254,6 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// One result or one error per input line, in order; a bad line never stops the run.
-fn annotate(annotator: &Annotator, format: PayloadFormat, max_bytes: usize) -> anyhow::Result<()> {
-    let bundle = annotator.bundle();
-    let mut state = bundle.engine.state()?;
-    let source = Source {
-        model: &bundle.name,
-        task: annotator.task(),
-        topic: None,
-    };
-    let stdin = std::io::stdin();
-    let mut input = stdin.lock();
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        if input.read_until(b'\n', &mut line)? == 0 {
-            break;
-        }
-        if line.last() == Some(&b'\n') {
-            line.pop();
-        }
-        let envelope = match message::parse(&line, format, annotator.task(), max_bytes) {
-            Err((id, error)) => {
-                message::envelope(source, id.as_ref(), &Default::default(), Err(&error))
-            }
-            Ok(request) => {
-                let outcome =
-                    annotator.annotate(&mut state, &request.text, request.text_pair.as_deref());
-                message::envelope(source, request.id.as_ref(), &request.meta, outcome.as_ref())
-            }
-        };
-        out.write_all(&envelope)?;
-        out.write_all(b"\n")?;
-        out.flush()?;
-    }
-    Ok(())
-}
-
 struct AskArgs {
     text: Option<String>,
     raw: bool,
@@ -263,6 +268,7 @@ struct AskArgs {
 /// `anotador ask`: requests from the argument or stdin, answers on stdout.
 fn ask(args: AskArgs) -> anyhow::Result<()> {
     use anotador::transport::mqtt::ask;
+    use std::io::{BufRead, Write};
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());

@@ -167,6 +167,7 @@ pub fn envelope(
             model: source.model,
             task: source.task.as_str(),
             result: &annotation.result,
+            redacted: annotation.redaction.as_ref(),
             windows: annotation.windows,
             tokens: annotation.tokens,
             timings_ms: &annotation.timings,
@@ -195,6 +196,9 @@ struct ResultEnvelope<'a> {
     model: &'a str,
     task: &'a str,
     result: &'a Output,
+    /// Only with redaction on: a field added, the others unchanged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redacted: Option<&'a crate::tasks::redact::Redaction>,
     windows: usize,
     tokens: usize,
     timings_ms: &'a Timings,

@@ -533,3 +533,46 @@ fn every_envelope_names_the_model_the_same_way() {
     assert_eq!(cls.len(), 2, "{got:?}");
     assert!(cls.iter().all(|v| v["model"] == "bert-seq"), "{cls:?}");
 }
+
+/// A model's `redact` options reach what the daemon publishes: the result gains
+/// `redacted` (text with the entities replaced, spans with both offsets), every
+/// other field as without redaction.
+#[test]
+fn redaction_set_in_the_config_is_published() {
+    let broker = start_broker();
+    let dir = TempDir::new("redact");
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/ner-es");
+    let config = bench_config(
+        &dir,
+        broker.port,
+        model.to_str().unwrap(),
+        "redact = [\"PER\", \"LOC\"]\nredact_style = \"pseudonym\"\naggregation = \"first\"",
+    );
+    let device = Device::connect(broker.port, "device-redact");
+    std::thread::sleep(Duration::from_millis(300));
+    let _daemon = Daemon::start(&config);
+    wait_online(&device);
+    let text = "Gabriel García Márquez nació en Aracataca y García Márquez murió en México.";
+    device.publish(
+        "in/r1",
+        serde_json::json!({"id": "r1", "text": text}).to_string(),
+    );
+    let got = device.collect(Duration::from_secs(30), |g| {
+        g.iter().any(|(t, _)| t == "out/r1")
+    });
+    let (_, result) = got
+        .iter()
+        .find(|(t, _)| t == "out/r1")
+        .expect("a result on out/r1");
+    assert_eq!(result["id"], "r1");
+    assert_eq!(result["topic"], "in/r1");
+    assert_eq!(
+        result["redacted"]["text"], "PER_1 nació en LOC_1 y PER_2 murió en LOC_2.",
+        "{result}"
+    );
+    let spans = result["redacted"]["spans"].as_array().unwrap();
+    assert_eq!(spans[0]["start"], 0);
+    assert_eq!(spans[0]["end"], 22);
+    assert_eq!(spans[0]["redacted_end"], 5);
+    assert!(result["result"].as_array().unwrap().len() >= spans.len());
+}

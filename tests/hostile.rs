@@ -1,7 +1,8 @@
 //! Hostile input, as a bounded property test (runs in `cargo test`): random and
 //! adversarial payloads through parsing, tokenization, windowing and the token
-//! task. Nothing may panic, every error is structured, and every entity's `word`
-//! is exactly the input slice at `start..end`.
+//! task. Nothing may panic, every error is structured, every entity's `word`
+//! is exactly the input slice at `start..end`, and redaction replaces exactly the
+//! entities' spans, its offsets true in both texts.
 //!
 //! `ANOTADOR_PROPTEST_CASES` raises the number of random cases (default 300).
 
@@ -10,6 +11,7 @@ use std::sync::Arc;
 
 use anotador::bundle::Task;
 use anotador::message::{self, PayloadFormat};
+use anotador::tasks::redact::{Groups, Redaction, Style};
 use anotador::tasks::{Output, TaskOptions};
 use anotador::{Annotator, Bundle};
 
@@ -101,6 +103,42 @@ fn check_entities(text: &str, out: &Output) {
     }
 }
 
+/// The redacted text is the input with the entities replaced: spans are in
+/// order and apart, each holds its replacement in the redacted text, the text
+/// between spans is the input's character for character, and no character of any
+/// entity survives (overlapping entities are replaced together).
+fn check_redaction(text: &str, out: &Output, redaction: &Redaction) {
+    let Output::Entities(entities) = out else {
+        panic!("token task")
+    };
+    let input: Vec<char> = text.chars().collect();
+    let output: Vec<char> = redaction.text.chars().collect();
+    let (mut i, mut o) = (0, 0);
+    for s in &redaction.spans {
+        assert!(i <= s.start && s.start < s.end, "{s:?} in {text:?}");
+        assert_eq!(
+            input[i..s.start],
+            output[o..s.redacted_start],
+            "in {text:?}"
+        );
+        let replaced: String = output[s.redacted_start..s.redacted_end].iter().collect();
+        assert_eq!(replaced, s.replacement);
+        (i, o) = (s.end, s.redacted_end);
+    }
+    assert_eq!(input[i..], output[o..], "in {text:?}");
+    for e in entities {
+        let (start, end) = e.span();
+        assert!(
+            start == end
+                || redaction
+                    .spans
+                    .iter()
+                    .any(|s| s.start <= start && end <= s.end),
+            "{e:?} not redacted in {text:?}"
+        );
+    }
+}
+
 #[test]
 fn random_and_adversarial_texts_never_panic_and_keep_offsets_exact() {
     let cases: usize = std::env::var("ANOTADOR_PROPTEST_CASES")
@@ -115,11 +153,19 @@ fn random_and_adversarial_texts_never_panic_and_keep_offsets_exact() {
         ("distilbert-token", 64),
     ] {
         for aggregation in ["none", "simple", "first", "average", "max"] {
+            // Grouped entities can be redacted: each aggregation but `none`, both styles.
+            let grouped = aggregation != "none";
             let options = TaskOptions {
                 aggregation: Some(serde_json::from_value(serde_json::json!(aggregation)).unwrap()),
                 window: Some(window),
                 stride: Some(window / 4),
                 max_windows: Some(64),
+                redact: grouped.then_some(Groups::All),
+                redact_style: grouped.then_some(if aggregation == "first" {
+                    Style::Pseudonym
+                } else {
+                    Style::Tag
+                }),
                 ..TaskOptions::default()
             };
             let a = annotator(name, options);
@@ -127,7 +173,13 @@ fn random_and_adversarial_texts_never_panic_and_keep_offsets_exact() {
             for _ in 0..cases / 15 + 1 {
                 let text = random_text(&mut rng);
                 match a.annotate(&mut state, &text, None) {
-                    Ok(ann) => check_entities(&text, &ann.result),
+                    Ok(ann) => {
+                        check_entities(&text, &ann.result);
+                        match &ann.redaction {
+                            Some(r) => check_redaction(&text, &ann.result, r),
+                            None => assert!(!grouped, "redaction asked for"),
+                        }
+                    }
                     Err(e) => assert!(
                         matches!(e.code(), "empty_text" | "text_too_long"),
                         "{name}: unexpected {} for {text:?}",

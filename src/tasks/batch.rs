@@ -50,8 +50,10 @@ pub fn annotate_batch(state: &mut EngineState, items: &[Item]) -> Vec<Result<Ann
                 &inferred.windows,
                 &inferred.logits,
             );
+            let redaction = item.annotator.redact(item.text, &result);
             Ok(Annotation {
                 result,
+                redaction,
                 windows: inferred.windows.len(),
                 tokens: inferred.windows.iter().map(|w| w.ids.len()).sum(),
                 timings: Timings {

@@ -6,6 +6,7 @@
 
 pub mod batch;
 pub mod qa;
+pub mod redact;
 pub mod text;
 pub mod token;
 pub mod windows;
@@ -53,6 +54,15 @@ pub struct TaskOptions {
     /// Question answering: also offer the empty answer, scored by [CLS] (default false).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub handle_impossible_answer: Option<bool>,
+    /// Token classification: add the text with these entity groups replaced
+    /// (`all`, or e.g. `PER,LOC`; `--redact` alone = all), and the replaced spans'
+    /// offsets, under `redacted`.
+    #[arg(long, num_args = 0..=1, default_missing_value = "all", value_name = "GROUPS")]
+    pub redact: Option<redact::Groups>,
+    /// What a redacted entity becomes: tag (`[PER]`, the default) or pseudonym
+    /// (`PER_1`, `PER_2`…: one per distinct name within a message).
+    #[arg(long, value_enum)]
+    pub redact_style: Option<redact::Style>,
 }
 
 impl TaskOptions {
@@ -69,6 +79,8 @@ impl TaskOptions {
             handle_impossible_answer: self
                 .handle_impossible_answer
                 .or(base.handle_impossible_answer),
+            redact: self.redact.clone().or_else(|| base.redact.clone()),
+            redact_style: self.redact_style.or(base.redact_style),
         }
     }
 
@@ -174,6 +186,8 @@ pub struct Annotation {
     pub windows: usize,
     pub tokens: usize,
     pub timings: Timings,
+    /// The text with the chosen entity groups replaced, when redaction is on.
+    pub redaction: Option<redact::Redaction>,
 }
 
 #[derive(Clone)]
@@ -188,6 +202,7 @@ pub struct Annotator {
     qa: QaParams,
     /// Stays answerable in QA: it carries the "no answer" score.
     cls_id: Option<u32>,
+    redactor: Option<redact::Redactor>,
 }
 
 impl Annotator {
@@ -226,6 +241,8 @@ impl Annotator {
             pad_id,
             config.token_type_ids,
         )?;
+        let aggregation = options.aggregation.unwrap_or(config.default_aggregation);
+        let redactor = redactor(&bundle, options, aggregation)?;
         let unk_id = unk_token(tokenizer).and_then(|t| tokenizer.token_to_id(&t));
         let cls_id = ["[CLS]", "<cls>", "<s>"]
             .iter()
@@ -235,7 +252,8 @@ impl Annotator {
             cls_id,
             rule: SubwordRule::for_tokenizer(tokenizer),
             unk_id,
-            aggregation: options.aggregation.unwrap_or(config.default_aggregation),
+            aggregation,
+            redactor,
             top_k: text::top_k(options),
             function: options
                 .function_to_apply
@@ -315,6 +333,14 @@ impl Annotator {
         }
     }
 
+    /// The text with the chosen entity groups replaced, when redaction is on.
+    pub fn redact(&self, text: &str, output: &Output) -> Option<redact::Redaction> {
+        match (&self.redactor, output) {
+            (Some(redactor), Output::Entities(entities)) => Some(redactor.apply(text, entities)),
+            _ => None,
+        }
+    }
+
     /// The model inputs the batch path runs for one text's windows. Public so that
     /// benchmarks can feed other engines exactly the same tensors.
     pub fn batches(&self, windows: &[Window]) -> Vec<crate::engine::Batch> {
@@ -351,6 +377,34 @@ impl Annotator {
             (Task::QuestionAnswering, Some(context)) => self.windower.encode_qa(text, context),
             (_, pair) => self.windower.encode(text, pair),
         }
+    }
+}
+
+/// The redaction setting, checked against the model: only token classification
+/// finds spans to replace, so any other task is refused at start, where a route or
+/// a command line that asks for it is written, not on every message.
+fn redactor(
+    bundle: &Bundle,
+    options: &TaskOptions,
+    aggregation: Aggregation,
+) -> Result<Option<redact::Redactor>> {
+    let task = bundle.config.task;
+    match (&options.redact, options.redact_style) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(Error::InvalidRequest(
+            "redact_style without redact: say which entity groups to redact".into(),
+        )),
+        (Some(_), _) if task != Task::TokenClassification => Err(Error::InvalidRequest(format!(
+            "redact: only token-classification models find entities to redact; {} is {}",
+            bundle.name,
+            task.as_str()
+        ))),
+        (Some(groups), style) => Ok(Some(redact::Redactor::new(
+            groups,
+            style.unwrap_or_default(),
+            &bundle.config.labels,
+            aggregation,
+        )?)),
     }
 }
 

@@ -277,7 +277,7 @@ impl TokenClassifier<'_> {
 }
 
 /// `B-PER` → ('B', "PER"); anything without a B-/I- prefix counts as `I`.
-fn bio(label: &str) -> (char, &str) {
+pub(crate) fn bio(label: &str) -> (char, &str) {
     if let Some(tag) = label.strip_prefix("B-") {
         ('B', tag)
     } else if let Some(tag) = label.strip_prefix("I-") {

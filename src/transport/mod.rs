@@ -5,7 +5,8 @@
 //! reply handle of its own ([`pool::Reply`](crate::pool::Reply)); the reply handle
 //! turns the outcome into bytes with [`message::envelope`](crate::message::envelope)
 //! and sends them back its own way. The service and its worker pools know nothing
-//! of transports, so another one (stdin, HTTP) is a module beside `mqtt`.
+//! of transports, so another one (stdin, HTTP) is a module beside `mqtt`:
+//! `lines` is `annotate`'s (lines of a file or stdin, answers in input order).
 //!
 //! `broker` is the embedded MQTT broker (`[broker.embedded]`, cargo feature
 //! `broker`): not a transport of its own but a broker in the process, which the
@@ -13,6 +14,7 @@
 
 #[cfg(feature = "broker")]
 pub mod broker;
+pub mod lines;
 pub mod mqtt;
 
 /// What the process asks of a running transport, from outside its I/O.

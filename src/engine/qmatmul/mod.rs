@@ -214,9 +214,9 @@ impl QWeights {
                 params[r]
             }
         };
-        SCRATCH.with_borrow_mut(|scratch| match &self.kernel {
+        match &self.kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2(w) => {
+            Kernel::Avx2(w) => SCRATCH.with_borrow_mut(|scratch| {
                 let stride = w.row_stride();
                 let padded = rows.div_ceil(avx2::MR) * avx2::MR * stride;
                 scratch.quantized.clear();
@@ -238,7 +238,7 @@ impl QWeights {
                 // are sized above for `rows` rounded up to MR.
                 unsafe { avx2::matmul(w, &scratch.abs, &scratch.sgn, rows, &ep, out) };
                 Ok(())
-            }
+            }),
             Kernel::Linalg(w) => {
                 let mut a = unsafe { Tensor::uninitialized::<i8>(&[rows, k])? };
                 {
@@ -271,12 +271,13 @@ impl QWeights {
                 }
                 Ok(())
             }
-        })
+        }
     }
 }
 
 /// Per-thread buffers for the packed activations: a worker runs one matmul at a
 /// time, and re-growing them per call would be a malloc per node.
+#[cfg(target_arch = "x86_64")]
 #[derive(Default)]
 struct Scratch {
     quantized: Vec<i8>,
@@ -284,6 +285,7 @@ struct Scratch {
     sgn: Vec<i8>,
 }
 
+#[cfg(target_arch = "x86_64")]
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
