@@ -433,9 +433,9 @@ impl File {
                         "a filter of response topics, not a shared subscription".into(),
                     ))
                 }
-                Some(r) => Some(
-                    Filter::parse(r).map_err(|p| bad(format!("routes[{i}].responses"), p))?,
-                ),
+                Some(r) => {
+                    Some(Filter::parse(r).map_err(|p| bad(format!("routes[{i}].responses"), p))?)
+                }
             };
             routes.push(Route {
                 filter,

@@ -10,9 +10,11 @@
 //!
 //! Durability with `data_dir`: sessions (subscriptions) are written and fsynced
 //! before they are acknowledged; queued and in-flight messages are written behind,
-//! within about 250 ms and without fsync. So a killed daemon loses what its
-//! broker accepted in its last quarter second, and a power cut what the system had
-//! not yet written back (README: "The embedded broker").
+//! within about 250 ms and without fsync, and a connected client's backlog is kept
+//! in that stored queue rather than in memory (`client_channel_capacity` below). So
+//! a killed daemon loses what its broker accepted in its last quarter second, and a
+//! power cut what the system had not yet written back (README: "The embedded
+//! broker").
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -66,16 +68,28 @@ impl Broker {
             .with_max_retained_messages(config.max_retained_messages)
             .with_max_retained_message_size(daemon.max_packet_bytes)
             .with_storage(storage);
+        if config.data_dir.is_some() {
+            // mqtt5 hands a message for a connected client to an in-memory channel
+            // of that connection (10,000 deep by default) and only what overflows it
+            // to the session's stored queue; the channel is written back to the
+            // queue when the connection ends, not when the process dies. With a
+            // channel of one, what waits past the client's Receive Maximum (the
+            // daemon's backlog) waits in the stored queue, so a SIGKILL loses at
+            // most that one message instead of the whole backlog
+            // (tests/embedded.rs, killed_daemon_with_data_dir_keeps_unacknowledged_input).
+            broker_config = broker_config.with_client_channel_capacity(1);
+        }
         // Topic aliases let a publisher send a packet smaller than the one the
         // broker forwards (with the whole topic), which could then exceed the
         // daemon's Maximum Packet Size and be dropped unseen.
         broker_config.topic_alias_maximum = 0;
-        let mut broker = MqttBroker::with_config(broker_config)
-            .await
-            .map_err(|e| BrokerError::Start {
-                listen: config.listen,
-                reason: e.to_string(),
-            })?;
+        let mut broker =
+            MqttBroker::with_config(broker_config)
+                .await
+                .map_err(|e| BrokerError::Start {
+                    listen: config.listen,
+                    reason: e.to_string(),
+                })?;
         let address = broker
             .local_addr()
             .ok_or_else(|| BrokerError::Run("no listening socket".into()))?;
