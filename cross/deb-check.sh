@@ -85,3 +85,12 @@ fi
 out="$(${runner[@]+"${runner[@]}"} "$root/usr/bin/anotador" check --config "$root/etc/anotador/check.toml")" \
   || fail "anotador check --config on the packaged configuration"
 echo "anotador check (packaged binary${QEMU:+ under $QEMU}, packaged config and models): ${out#"$root"/etc/anotador/}"
+grep -q '^host = "127.0.0.1"$' "$root/etc/anotador/anotador.toml" && grep -q '^# \[broker\.embedded\]$' "$root/etc/anotador/anotador.toml" \
+  || fail "the packaged configuration should use the external broker on 127.0.0.1"
+# The documented switch to the embedded broker (one section) must also pass check.
+sed -e 's|^host = |# host = |' -e 's|^port = |# port = |' \
+    -e 's|^# \[broker\.embedded\]$|[broker.embedded]|' -e 's|^# listen = |listen = |' \
+  "$root/etc/anotador/check.toml" > "$root/etc/anotador/check-embedded.toml"
+out="$(${runner[@]+"${runner[@]}"} "$root/usr/bin/anotador" check --config "$root/etc/anotador/check-embedded.toml")" \
+  || fail "anotador check --config on the packaged configuration switched to the embedded broker"
+echo "anotador check, packaged configuration switched to [broker.embedded]: ${out#"$root"/etc/anotador/}"

@@ -9,6 +9,7 @@
 #   /usr/share/anotador/models/{ner-es,pos-es,emotion-es}/   the shipped bundles
 #   /etc/anotador/anotador.toml          conffile: config/anotador.toml with the
 #                                        model paths pointing at /usr/share/anotador
+#                                        and the external broker on 127.0.0.1
 #   /lib/systemd/system/anotador.service config/anotador.service
 #   /usr/share/doc/anotador/{copyright,README.md,MODEL-DATA-LICENSES.md}
 # Maintainer scripts follow dh_installsystemd's snippets with --no-start: the unit is
@@ -63,15 +64,30 @@ for m in "${models[@]}"; do
 done
 
 # The packaged configuration: the repository's, with absolute model paths (relative
-# paths in it are resolved against the file's own directory, which is /etc/anotador).
+# paths in it are resolved against the file's own directory, which is /etc/anotador),
+# and the external broker on 127.0.0.1 (Mosquitto, a Recommends) instead of the
+# embedded one: a system broker outlives the daemon's restarts and upgrades, which
+# the embedded one, in the daemon's process, does not (README, "Install on a
+# Raspberry Pi"). Switching back is one section: uncomment [broker.embedded] and its
+# listen line, comment host and port.
 sed -e 's|^path = "\.\./models/|path = "/usr/share/anotador/models/|' \
     -e 's#anotador \(run\|check\) --config config/anotador.toml#anotador \1 --config /etc/anotador/anotador.toml#' \
+    -e 's|^# host = "127.0.0.1"$|host = "127.0.0.1"|' \
+    -e 's|^# port = 1883$|port = 1883|' \
+    -e 's|^\[broker\.embedded\]$|# [broker.embedded]|' \
+    -e 's|^listen = "127.0.0.1:1883"$|# listen = "127.0.0.1:1883"|' \
+    -e 's|^# data_dir = "/var/lib/anotador/broker"$|# data_dir = "/var/lib/anotador/broker"   # StateDirectory= of the unit|' \
     config/anotador.toml > "$root/etc/anotador/anotador.toml"
 chmod 0644 "$root/etc/anotador/anotador.toml"
 if grep -q '^path = "\.\.' "$root/etc/anotador/anotador.toml"; then
   echo "cross/deb.sh: a model path in config/anotador.toml was not rewritten" >&2; exit 1
 fi
 grep -q '^path = "/usr/share/anotador/models/' "$root/etc/anotador/anotador.toml"
+grep -q '^host = "127.0.0.1"$' "$root/etc/anotador/anotador.toml" \
+  && grep -q '^port = 1883$' "$root/etc/anotador/anotador.toml" \
+  && grep -q '^# \[broker\.embedded\]$' "$root/etc/anotador/anotador.toml" \
+  && ! grep -q '^\[broker\.embedded\]' "$root/etc/anotador/anotador.toml" \
+  || { echo "cross/deb.sh: the broker section of config/anotador.toml was not switched to the external broker" >&2; exit 1; }
 
 install -m 0644 config/anotador.service "$root/lib/systemd/system/anotador.service"
 grep -q '^ExecStart=/usr/bin/anotador run --config /etc/anotador/anotador.toml$' \

@@ -111,10 +111,11 @@ impl Daemon {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Broker {
-    #[serde(default = "default_host")]
-    pub host: String,
-    #[serde(default = "default_port")]
-    pub port: u16,
+    /// An external broker's address (default 127.0.0.1:1883). Not allowed with
+    /// `[broker.embedded]`: the daemon then connects to the address its own broker
+    /// bound, and a second address would only mislead.
+    pub host: Option<String>,
+    pub port: Option<u16>,
     /// Stable across restarts: with `clean_session = false` the broker keeps the
     /// subscriptions and unacknowledged messages for this id while the daemon is down.
     pub client_id: String,
@@ -136,6 +137,52 @@ pub struct Broker {
     #[serde(default = "default_backoff_max")]
     pub reconnect_max_ms: u64,
     pub tls: Option<Tls>,
+    /// The daemon's own broker, in this process (`[broker.embedded]`).
+    pub embedded: Option<Embedded>,
+}
+
+/// `[broker.embedded]`: an MQTT broker on the daemon's runtime, for a device with
+/// no broker of its own. The daemon connects to it as to any other broker; other
+/// clients on the device (sensors, `mosquitto_pub`, `anotador ask`) can use it too.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Embedded {
+    /// Where it listens (MQTT 3.1.1 and 5, plain TCP). Port 0 takes a free port,
+    /// logged at start. An address other than loopback opens an unauthenticated
+    /// broker to the network.
+    #[serde(default = "default_listen")]
+    pub listen: std::net::SocketAddr,
+    /// Sessions, queued messages and retained messages on disk, so a restart
+    /// (or a crash) keeps what was not yet acknowledged; absent: memory only.
+    pub data_dir: Option<PathBuf>,
+    /// Clients connected at once.
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
+    /// Per client session: messages waiting for it (offline, or past its Receive
+    /// Maximum). Past either limit the broker drops that session's oldest.
+    #[serde(default = "default_max_queued_messages")]
+    pub max_queued_messages: usize,
+    #[serde(default = "default_max_queued_bytes")]
+    pub max_queued_bytes: usize,
+    /// Retained messages kept (the daemon's status is one).
+    #[serde(default = "default_max_retained")]
+    pub max_retained_messages: usize,
+}
+
+fn default_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 1883))
+}
+fn default_max_clients() -> usize {
+    64
+}
+fn default_max_queued_messages() -> usize {
+    10_000
+}
+fn default_max_queued_bytes() -> usize {
+    16 << 20
+}
+fn default_max_retained() -> usize {
+    1_000
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -146,12 +193,6 @@ pub struct Tls {
     pub client_key: Option<PathBuf>,
 }
 
-fn default_host() -> String {
-    "127.0.0.1".into()
-}
-fn default_port() -> u16 {
-    1883
-}
 fn default_keep_alive() -> u64 {
     30
 }
@@ -227,6 +268,12 @@ pub struct Route {
     pub errors: Template,
     /// Task options of this route, over its model's.
     pub options: TaskOptions,
+    /// MQTT 5 request/response: the response topics a request may name (a topic
+    /// filter). A request whose response topic it matches is answered there, with
+    /// its correlation data and user properties; one naming any other topic gets
+    /// `response_topic_refused` on `errors`. `None`: response topics are ignored
+    /// and every answer goes to `output` / `errors`.
+    pub responses: Option<Filter>,
 }
 
 /// A `[[routes]]` entry as written.
@@ -241,6 +288,7 @@ struct RouteEntry {
     errors: String,
     #[serde(default)]
     options: TaskOptions,
+    responses: Option<String>,
 }
 
 fn default_format() -> PayloadFormat {
@@ -261,6 +309,16 @@ impl Config {
         for model in file.models.values_mut() {
             if model.path.is_relative() {
                 model.path = base.join(&model.path);
+            }
+        }
+        if let Some(dir) = file
+            .broker
+            .embedded
+            .as_mut()
+            .and_then(|e| e.data_dir.as_mut())
+        {
+            if dir.is_relative() {
+                *dir = base.join(&*dir);
             }
         }
         if let Some(tls) = &mut file.broker.tls {
@@ -307,6 +365,9 @@ impl File {
                     self.daemon.max_payload_bytes
                 ),
             ));
+        }
+        if let Some(embedded) = &self.broker.embedded {
+            self.broker.check_embedded(embedded, &self.daemon, &bad)?;
         }
         if self.broker.password_file.is_some() && self.broker.password_env.is_some() {
             return Err(bad(
@@ -364,8 +425,21 @@ impl File {
             let template = |key: &str, t: &str| {
                 Template::parse(t).map_err(|p| bad(format!("routes[{i}].{key}"), p))
             };
+            let responses = match &route.responses {
+                None => None,
+                Some(r) if r.starts_with("$share/") => {
+                    return Err(bad(
+                        format!("routes[{i}].responses"),
+                        "a filter of response topics, not a shared subscription".into(),
+                    ))
+                }
+                Some(r) => {
+                    Some(Filter::parse(r).map_err(|p| bad(format!("routes[{i}].responses"), p))?)
+                }
+            };
             routes.push(Route {
                 filter,
+                responses,
                 output: template("output", &route.output)?,
                 errors: template("errors", &route.errors)?,
                 model: route.model,
@@ -390,6 +464,76 @@ impl Config {
 }
 
 impl Broker {
+    /// The external broker's address (`host`, `port`; 127.0.0.1:1883 by default).
+    pub fn address(&self) -> (String, u16) {
+        (
+            self.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
+            self.port.unwrap_or(1883),
+        )
+    }
+
+    /// `[broker.embedded]` rules out what only an external broker has: an address
+    /// to connect to, TLS and credentials (the embedded broker listens in plain TCP
+    /// and lets anyone connect, which is why it listens on loopback by default).
+    fn check_embedded(
+        &self,
+        embedded: &Embedded,
+        daemon: &Daemon,
+        bad: &dyn Fn(String, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        if !cfg!(feature = "broker") {
+            return Err(bad(
+                "broker.embedded".into(),
+                "this anotador was built without the embedded broker (cargo feature `broker`); use an external broker (host, port)".into(),
+            ));
+        }
+        let external = [
+            ("host", self.host.is_some()),
+            ("port", self.port.is_some()),
+            ("tls", self.tls.is_some()),
+            ("username", self.username.is_some()),
+            ("password_file", self.password_file.is_some()),
+            ("password_env", self.password_env.is_some()),
+        ];
+        if let Some((key, _)) = external.iter().find(|(_, set)| *set) {
+            return Err(bad(
+                format!("broker.{key}"),
+                "is for an external broker; with [broker.embedded] the daemon connects to its own broker (remove one or the other)".into(),
+            ));
+        }
+        if embedded.max_clients == 0 || embedded.max_queued_messages == 0 {
+            let key = if embedded.max_clients == 0 {
+                "max_clients"
+            } else {
+                "max_queued_messages"
+            };
+            return Err(bad(
+                format!("broker.embedded.{key}"),
+                "must be at least 1".into(),
+            ));
+        }
+        // A queue that cannot hold one message of the largest size the daemon
+        // reads would drop it on arrival.
+        if embedded.max_queued_bytes < daemon.max_packet_bytes {
+            return Err(bad(
+                "broker.embedded.max_queued_bytes".into(),
+                format!(
+                    "must be at least daemon.max_packet_bytes ({})",
+                    daemon.max_packet_bytes
+                ),
+            ));
+        }
+        if let Some(dir) = &embedded.data_dir {
+            if dir.exists() && !dir.is_dir() {
+                return Err(bad(
+                    "broker.embedded.data_dir".into(),
+                    format!("{} is not a folder", dir.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The password, read from its file (first line) or environment variable.
     pub fn password(&self) -> std::io::Result<Option<String>> {
         if let Some(file) = &self.password_file {

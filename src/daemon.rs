@@ -23,6 +23,9 @@ pub enum DaemonError {
     Mqtt(#[from] mqtt::MqttError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[cfg(feature = "broker")]
+    #[error(transparent)]
+    Broker(#[from] crate::transport::broker::BrokerError),
 }
 
 /// Loads the configuration at `path` and its models, then serves until SIGTERM.
@@ -39,13 +42,39 @@ pub fn run(path: &Path) -> Result<(), DaemonError> {
             tokio::spawn(feed_watchdog(interval, health.clone()));
         }
         let signals = signals()?;
-        mqtt::serve(path.to_path_buf(), config, models, health, signals)
+        let (address, embedded) = broker(&config).await?;
+        let served = mqtt::serve(path.to_path_buf(), config, address, models, health, signals)
             .await
-            .map_err(DaemonError::from)
+            .map_err(DaemonError::from);
+        // After the daemon's goodbye: its broker goes last. The whole stop stays
+        // within shutdown_timeout_s + 1 s: the goodbye over loopback is quick.
+        if let Some(embedded) = embedded {
+            #[cfg(feature = "broker")]
+            embedded.stop(Duration::from_millis(250)).await;
+            #[cfg(not(feature = "broker"))]
+            match embedded {}
+        }
+        served
     });
     // Nothing left to wait for: a task still pending is dropped, not awaited.
     runtime.shutdown_timeout(Duration::from_millis(100));
     served
+}
+
+#[cfg(feature = "broker")]
+type Embedded = crate::transport::broker::Broker;
+#[cfg(not(feature = "broker"))]
+type Embedded = std::convert::Infallible;
+
+/// The broker to connect to: the embedded one, started here (`[broker.embedded]`),
+/// or the external one of `[broker]`.
+async fn broker(config: &Config) -> Result<((String, u16), Option<Embedded>), DaemonError> {
+    #[cfg(feature = "broker")]
+    if let Some(embedded) = &config.broker.embedded {
+        let broker = crate::transport::broker::Broker::start(embedded, &config.daemon).await?;
+        return Ok((broker.client_address(), Some(broker)));
+    }
+    Ok((config.broker.address(), None))
 }
 
 /// The process's signals as a stream the transport selects on.

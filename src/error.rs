@@ -43,6 +43,11 @@ pub enum Error {
     #[error("{0}")]
     InvalidRequest(String),
 
+    /// An MQTT 5 request named a response topic its route does not allow
+    /// (`routes[].responses`), or one that cannot be published to.
+    #[error("response topic `{topic}` is not allowed by this route's `responses` ({allowed})")]
+    ResponseTopicRefused { topic: String, allowed: String },
+
     #[error("tokenizer failed: {0}")]
     Tokenizer(String),
 
@@ -73,6 +78,7 @@ impl Error {
             Error::PayloadTooLarge { .. } => "payload_too_large",
             Error::TextTooLong { .. } => "text_too_long",
             Error::InvalidRequest(_) => "invalid_request",
+            Error::ResponseTopicRefused { .. } => "response_topic_refused",
             Error::Tokenizer(_) => "tokenizer_failed",
             Error::Inference(_) => "inference_failed",
             Error::EvalData { .. } => "bad_eval_data",

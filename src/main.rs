@@ -83,6 +83,35 @@ enum Command {
         #[arg(long, default_value = "/etc/anotador/anotador.toml")]
         config: PathBuf,
     },
+    /// Ask a running daemon over MQTT 5 request/response: publish TEXT (or each line of
+    /// stdin) with a response topic and correlation data, and print each answer (the
+    /// daemon's JSON envelope) in order. The route must allow the response topic
+    /// (`responses` in its [[routes]] entry).
+    Ask {
+        /// The text to annotate; without it, each line of stdin is one request.
+        text: Option<String>,
+        /// Send each input as it is (a route with format = "text", or a JSON object of
+        /// your own such as {"question", "context"}) instead of as {"text": …}.
+        #[arg(long)]
+        raw: bool,
+        /// The broker (the daemon's embedded one by default).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 1883)]
+        port: u16,
+        /// A topic a daemon's route takes requests on.
+        #[arg(long, default_value = "anotador/in/ner/ask")]
+        topic: String,
+        /// The response topic [default: anotador/reply/<this client's id>].
+        #[arg(long)]
+        reply_to: Option<String>,
+        /// Seconds to wait for the next answer.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+        /// Requests sent and not yet answered, at most.
+        #[arg(long, default_value_t = 16)]
+        in_flight: usize,
+    },
     /// Validate a configuration and load every model (or just bundles) without connecting;
     /// non-zero exit on any problem.
     Check {
@@ -119,9 +148,10 @@ impl ModelArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // The daemon reports its life at info; the one-shot commands stay quiet.
+    // The daemon reports its life at info (its embedded broker only its warnings);
+    // the one-shot commands stay quiet.
     let level = if matches!(cli.command, Command::Run { .. }) {
-        "info"
+        "info,mqtt5=warn,mqtt5_protocol=warn"
     } else {
         "warn"
     };
@@ -176,6 +206,25 @@ fn main() -> anyhow::Result<()> {
             anotador::daemon::run(&config)?;
             Ok(())
         }
+        Command::Ask {
+            text,
+            raw,
+            host,
+            port,
+            topic,
+            reply_to,
+            timeout,
+            in_flight,
+        } => ask(AskArgs {
+            text,
+            raw,
+            host,
+            port,
+            topic,
+            reply_to,
+            timeout,
+            in_flight,
+        }),
         Command::Check { config, models } => {
             if let Some(path) = config {
                 let config = anotador::config::Config::load(&path)?;
@@ -203,4 +252,64 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+struct AskArgs {
+    text: Option<String>,
+    raw: bool,
+    host: String,
+    port: u16,
+    topic: String,
+    reply_to: Option<String>,
+    timeout: f64,
+    in_flight: usize,
+}
+
+/// `anotador ask`: requests from the argument or stdin, answers on stdout.
+fn ask(args: AskArgs) -> anyhow::Result<()> {
+    use anotador::transport::mqtt::ask;
+    use std::io::{BufRead, Write};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let client_id = format!("anotador-ask-{}-{nanos}", std::process::id());
+    let settings = ask::Ask {
+        reply_to: args
+            .reply_to
+            .unwrap_or_else(|| format!("anotador/reply/{client_id}")),
+        host: args.host,
+        port: args.port,
+        topic: args.topic,
+        client_id,
+        timeout: std::time::Duration::try_from_secs_f64(args.timeout)
+            .context("--timeout: seconds, a positive number")?,
+        in_flight: args.in_flight,
+    };
+    let raw = args.raw;
+    let payload = move |text: String| -> Vec<u8> {
+        if raw {
+            text.into_bytes()
+        } else {
+            serde_json::to_vec(&serde_json::json!({ "text": text })).expect("a string serializes")
+        }
+    };
+    let requests: Box<dyn Iterator<Item = std::io::Result<Vec<u8>>> + Send> = match args.text {
+        Some(text) => Box::new(std::iter::once(Ok(payload(text)))),
+        None => Box::new(
+            // Read on ask's input thread: a BufReader of the handle is Send where a
+            // StdinLock is not.
+            std::io::BufReader::new(std::io::stdin())
+                .lines()
+                .map(move |line| line.map(&payload)),
+        ),
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut print = |answer: &[u8]| -> std::io::Result<()> {
+        out.write_all(answer)?;
+        out.write_all(b"\n")?;
+        out.flush()
+    };
+    ask::ask(&settings, requests, &mut print)?;
+    Ok(())
 }

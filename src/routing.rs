@@ -79,6 +79,24 @@ impl Filter {
     }
 }
 
+impl Filter {
+    /// Whether `topic` is one this filter takes.
+    pub fn matches(&self, topic: &str) -> bool {
+        self.captures(topic).is_some()
+    }
+}
+
+/// Whether `topic` can be published to: not empty, no wildcard, no NUL, not a
+/// `$` topic, within MQTT's 65,535 bytes. A response topic comes from a request,
+/// so it is checked before the daemon publishes to it: a broker disconnects a
+/// client that publishes to a wildcard.
+pub fn publishable(topic: &str) -> bool {
+    !topic.is_empty()
+        && topic.len() <= 65_535
+        && !topic.contains(['+', '#', '\0'])
+        && !topic.starts_with('$')
+}
+
 /// An output or error topic template, checked: balanced braces, known
 /// placeholders, no wildcards, no `$` start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +181,16 @@ mod tests {
             Filter::parse("#").unwrap().captures("$SYS/broker/uptime"),
             None
         );
+    }
+
+    #[test]
+    fn response_topics_must_be_publishable() {
+        let allowed = Filter::parse("anotador/reply/#").unwrap();
+        assert!(allowed.matches("anotador/reply/ask-1") && publishable("anotador/reply/ask-1"));
+        assert!(!allowed.matches("anotador/out/x"));
+        for bad in ["", "anotador/reply/+", "anotador/reply/#", "$SYS/x", "a\0b"] {
+            assert!(!publishable(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -7,7 +7,13 @@
 //! and sends them back its own way. The service and its worker pools know nothing
 //! of transports, so another one (stdin, HTTP) is a module beside `mqtt`:
 //! `lines` is `annotate`'s (lines of a file or stdin, answers in input order).
+//!
+//! `broker` is the embedded MQTT broker (`[broker.embedded]`, cargo feature
+//! `broker`): not a transport of its own but a broker in the process, which the
+//! `mqtt` transport connects to like any other.
 
+#[cfg(feature = "broker")]
+pub mod broker;
 pub mod lines;
 pub mod mqtt;
 

@@ -568,3 +568,175 @@ errors = "err/{{1}}"
     .unwrap();
     config
 }
+
+/// The config of [`write_config`] served through the daemon's embedded broker on
+/// `listen` (`127.0.0.1:0`: a free port, read back with [`embedded_port`]), its
+/// sessions and messages in `data_dir` when given.
+pub fn write_config_embedded(
+    dir: &Path,
+    listen: &str,
+    client_id: &str,
+    data_dir: Option<&Path>,
+) -> PathBuf {
+    let path = write_config(dir, 0, client_id, "");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut text = text.replacen("port = 0\n", "", 1);
+    text.push_str(&format!("\n[broker.embedded]\nlisten = \"{listen}\"\n"));
+    if let Some(data) = data_dir {
+        text.push_str(&format!("data_dir = \"{}\"\n", data.display()));
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Lets the NER route (`in/ner/+`) answer MQTT 5 requests whose response topic
+/// matches `filter`.
+pub fn allow_responses(config: &Path, filter: &str) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let route = "errors = \"err/ner/{1}\"\n";
+    assert!(text.contains(route));
+    let text = text.replacen(route, &format!("{route}responses = \"{filter}\"\n"), 1);
+    std::fs::write(config, text).unwrap();
+}
+
+/// The port the daemon's embedded broker bound, from its log line
+/// "embedded broker listening on ADDR".
+pub fn embedded_port(daemon: &Daemon) -> u16 {
+    let needle = "embedded broker listening on ";
+    assert!(
+        daemon.wait_log(needle, 1, Duration::from_secs(60)),
+        "no embedded broker: {}",
+        daemon.log()
+    );
+    let log = daemon.log();
+    let line = log.lines().find(|l| l.contains(needle)).unwrap();
+    let addr = line.split(needle).nth(1).unwrap();
+    let addr: std::net::SocketAddr = addr.split_whitespace().next().unwrap().parse().unwrap();
+    addr.port()
+}
+
+/// `anotador ask ARGS…` against the broker on `port`, with `input` on stdin.
+pub fn ask(port: u16, args: &[&str], input: &str) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_anotador"))
+        .args(["ask", "--port", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// An MQTT 5 client (rumqttc v5) that sees everything published on `#`, with the
+/// properties request/response cares about.
+pub struct V5Device {
+    pub client: rumqttc::v5::Client,
+    pub rx: Receiver<V5Message>,
+}
+
+#[derive(Debug, Clone)]
+pub struct V5Message {
+    pub topic: String,
+    pub payload: Value,
+    pub correlation: Option<Vec<u8>>,
+    pub user_properties: Vec<(String, String)>,
+}
+
+impl V5Device {
+    pub fn connect(port: u16, id: &str) -> V5Device {
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        use rumqttc::v5::{Client, Event};
+        let mut opts = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_max_packet_size(Some(8 << 20));
+        let (client, mut connection) = Client::new(opts, 1000);
+        let (tx, rx) = channel();
+        let (sub, (ready_tx, ready)) = (client.clone(), channel());
+        std::thread::spawn(move || {
+            for event in connection.iter() {
+                match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = sub.subscribe("#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let props = p.properties.clone().unwrap_or_default();
+                        let message = V5Message {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            payload: serde_json::from_slice(&p.payload).unwrap_or(Value::Null),
+                            correlation: props.correlation_data.map(|c| c.to_vec()),
+                            user_properties: props.user_properties,
+                        };
+                        if tx.send(message).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+        ready
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the v5 device subscribed");
+        V5Device { client, rx }
+    }
+
+    /// Publishes a request: `reply_to` and `correlation` as MQTT 5 properties.
+    pub fn request(
+        &self,
+        topic: &str,
+        payload: &str,
+        reply_to: Option<&str>,
+        correlation: &[u8],
+        user: &[(&str, &str)],
+    ) {
+        let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+            response_topic: reply_to.map(String::from),
+            correlation_data: Some(correlation.to_vec().into()),
+            user_properties: user
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        self.client
+            .publish_with_properties(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                payload.to_string(),
+                props,
+            )
+            .unwrap();
+    }
+
+    /// Collects messages until `done` says so or the timeout passes.
+    pub fn collect(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&[V5Message]) -> bool,
+    ) -> Vec<V5Message> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        while !done(&got) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if let Ok(m) = self.rx.recv_timeout(left.min(Duration::from_millis(200))) {
+                got.push(m);
+            }
+        }
+        got
+    }
+}

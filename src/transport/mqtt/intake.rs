@@ -4,16 +4,16 @@
 
 use std::time::Instant;
 
-use rumqttc::v5::mqttbytes::v5::Publish;
+use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
 use serde_json::Map;
 use tokio::sync::mpsc;
 
 use super::publisher::{ack_token, Answer, Delivery, Ticket};
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::message::{self, Request, Source};
 use crate::pool::{Closed, Health, Reply};
-use crate::routing::{Filter, Template};
+use crate::routing::{publishable, Filter, Template};
 use crate::service::{Models, Next, Service};
 use crate::tasks::{Annotation, Annotator};
 
@@ -24,6 +24,55 @@ struct Route {
     errors: Template,
     /// The route's key in `[models]`, for the `{model}` placeholder.
     model: String,
+    /// The response topics an MQTT 5 request may name; `None`: not a
+    /// request/response route, response topics are ignored.
+    responses: Option<Filter>,
+}
+
+/// Where one message's answer goes: the route's output and error topics, or an
+/// allowed response topic (result and error alike), with the request's correlation
+/// data and user properties.
+struct Destination {
+    output: String,
+    errors: String,
+    properties: Option<PublishProperties>,
+}
+
+/// What a request's response topic asks for, against its route's `responses`.
+enum Asked {
+    /// No response topic, or a route that does not do request/response.
+    Routes,
+    Reply(String),
+    Refused(Error),
+}
+
+fn asked(route: &Route, properties: Option<&PublishProperties>) -> Asked {
+    let (Some(allowed), Some(topic)) = (
+        &route.responses,
+        properties.and_then(|p| p.response_topic.as_ref()),
+    ) else {
+        return Asked::Routes;
+    };
+    if publishable(topic) && allowed.matches(topic) {
+        Asked::Reply(topic.clone())
+    } else {
+        Asked::Refused(Error::ResponseTopicRefused {
+            topic: topic.clone(),
+            allowed: allowed.subscription().to_string(),
+        })
+    }
+}
+
+/// The properties a reply carries back: correlation data and user properties
+/// (MQTT 5 request/response), nothing else of the request's.
+fn echoed(properties: Option<&PublishProperties>) -> PublishProperties {
+    PublishProperties {
+        correlation_data: properties.and_then(|p| p.correlation_data.clone()),
+        user_properties: properties
+            .map(|p| p.user_properties.clone())
+            .unwrap_or_default(),
+        ..Default::default()
+    }
 }
 
 /// Everything needed to take a message: routes, the service, the payload cap.
@@ -100,7 +149,28 @@ impl Intake {
         };
         let served = &self.service.routes()[index];
         let render = |t: &Template| t.render(&topic, &captures, &route.model, &self.name);
-        let (output, errors) = (render(&route.output), render(&route.errors));
+        let properties = publish.properties.as_ref();
+        let mut refused = None;
+        let to = match asked(route, properties) {
+            Asked::Routes => Destination {
+                output: render(&route.output),
+                errors: render(&route.errors),
+                properties: None,
+            },
+            Asked::Reply(reply) => Destination {
+                output: reply.clone(),
+                errors: reply,
+                properties: Some(echoed(properties)),
+            },
+            Asked::Refused(error) => {
+                refused = Some(error);
+                Destination {
+                    output: render(&route.output),
+                    errors: render(&route.errors),
+                    properties: Some(echoed(properties)),
+                }
+            }
+        };
         let task = served.annotator.task();
         let parsed = message::parse(
             &publish.payload,
@@ -109,6 +179,13 @@ impl Intake {
             self.max_payload_bytes,
         );
         let ack = ack_token(publish);
+        // A refused response topic is answered on the route's error topic, never
+        // run: the payload is parsed only for its id.
+        let parsed = match (parsed, refused) {
+            (parsed, None) => parsed,
+            (Ok(request), Some(error)) => Err((request.id, error)),
+            (Err((id, _)), Some(error)) => Err((id, error)),
+        };
         match parsed {
             Err((id, error)) => {
                 log::debug!("bad payload on {topic}: {}", error.code());
@@ -120,9 +197,10 @@ impl Intake {
                 let payload = message::envelope(source, id.as_ref(), &Map::new(), Err(&error));
                 let _ = self.deliveries.send(Delivery {
                     answer: Some(Answer {
-                        topic: errors,
+                        topic: to.errors,
                         payload,
                         error: Some(error.code()),
+                        properties: to.properties,
                     }),
                     ack,
                     ticket,
@@ -134,8 +212,7 @@ impl Intake {
                 request,
                 Answered {
                     topic,
-                    output,
-                    errors,
+                    to,
                     ack,
                     ticket,
                     received,
@@ -155,6 +232,7 @@ fn routes(config: &Config) -> Vec<Route> {
             output: r.output.clone(),
             errors: r.errors.clone(),
             model: r.model.clone(),
+            responses: r.responses.clone(),
         })
         .collect()
 }
@@ -163,8 +241,7 @@ fn routes(config: &Config) -> Vec<Route> {
 /// goes, and what to acknowledge after.
 pub struct Answered {
     topic: String,
-    output: String,
-    errors: String,
+    to: Destination,
     ack: Publish,
     ticket: Ticket,
     received: Instant,
@@ -175,8 +252,7 @@ impl Reply for Answered {
     fn send(self, annotator: &Annotator, request: &Request, outcome: Result<Annotation>) {
         let Answered {
             topic,
-            output,
-            errors,
+            to,
             ack,
             ticket,
             received,
@@ -190,14 +266,15 @@ impl Reply for Answered {
         let payload =
             message::envelope(source, request.id.as_ref(), &request.meta, outcome.as_ref());
         let (topic, error) = match &outcome {
-            Ok(_) => (output, None),
-            Err(e) => (errors, Some(e.code())),
+            Ok(_) => (to.output, None),
+            Err(e) => (to.errors, Some(e.code())),
         };
         let _ = deliveries.send(Delivery {
             answer: Some(Answer {
                 topic,
                 payload,
                 error,
+                properties: to.properties,
             }),
             ack,
             ticket,

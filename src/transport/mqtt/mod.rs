@@ -9,6 +9,7 @@
 //! - At most `daemon.queue` messages are taken and unanswered at a time; the rest
 //!   waits in a bounded list or at the broker: memory does not grow with the input rate.
 
+pub mod ask;
 mod backlog;
 mod intake;
 mod link;
@@ -52,18 +53,21 @@ pub enum MqttError {
     Start(#[from] crate::Error),
 }
 
-/// Serves `models` over MQTT until a [`Signal::Shutdown`]; `path` is read again on
-/// [`Signal::Reload`]. Returns within `shutdown_timeout_s` + 1 s of the shutdown
-/// signal, whatever the broker does.
+/// Serves `models` over MQTT, through the broker at `address`, until a
+/// [`Signal::Shutdown`]; `path` is read again on [`Signal::Reload`]. Returns within
+/// `shutdown_timeout_s` + 1 s of the shutdown signal, whatever the broker does.
+/// The broker may be external or the daemon's own ([`super::broker`]): the
+/// client, and so delivery, is the same.
 pub async fn serve(
     path: PathBuf,
     config: Config,
+    address: (String, u16),
     models: Models,
     health: Arc<Health>,
     mut signals: mpsc::UnboundedReceiver<Signal>,
 ) -> Result<(), MqttError> {
     let mut session = Session::new(Limits::of(&config), seed());
-    let mut io = Io::start(path, config, models, health)?;
+    let mut io = Io::start(path, config, address, models, health)?;
     while session.mode() != Mode::Stopped {
         let wake = session.wake_at(Instant::now());
         let event = tokio::select! {
@@ -126,6 +130,8 @@ type Received = (Publish, Instant);
 struct Io {
     path: PathBuf,
     config: Config,
+    /// The broker's address, as connected to.
+    address: (String, u16),
     health: Arc<Health>,
     link: Link,
     intake: Intake,
@@ -153,12 +159,14 @@ impl Io {
     fn start(
         path: PathBuf,
         config: Config,
+        address: (String, u16),
         models: Models,
         health: Arc<Health>,
     ) -> Result<Io, MqttError> {
         let d = &config.daemon;
         let opts = options(
             &config.broker,
+            &address,
             options::Session {
                 receive_maximum: d.queue,
                 max_packet_bytes: d.max_packet_bytes,
@@ -210,6 +218,7 @@ impl Io {
             started: unix_now(),
             tasks,
             config,
+            address,
         })
     }
 
@@ -217,12 +226,8 @@ impl Io {
     fn polled(&self, polled: Polled, receiving: bool) -> Event<Received> {
         match polled {
             Polled::ConnAck { session_present } => {
-                let b = &self.config.broker;
-                log::info!(
-                    "connected to {}:{} (session present: {session_present})",
-                    b.host,
-                    b.port
-                );
+                let (host, port) = &self.address;
+                log::info!("connected to {host}:{port} (session present: {session_present})");
                 Event::Connected { session_present }
             }
             Polled::Publish(publish) => {

@@ -39,9 +39,14 @@ pub struct Session {
 /// tells the broker how many unacknowledged messages it may send us. With 3.1.1 the
 /// broker's own in-flight setting decides (Mosquitto 2 sends far more than its
 /// documented 20), and the backlog would pile up in the daemon instead of the broker.
-pub fn options(broker: &Broker, session: Session) -> Result<MqttOptions, OptionsError> {
+/// `address`: the external broker's (`[broker]` host and port) or the embedded one's.
+pub fn options(
+    broker: &Broker,
+    address: &(String, u16),
+    session: Session,
+) -> Result<MqttOptions, OptionsError> {
     let b = broker;
-    let mut opts = MqttOptions::new(&b.client_id, &b.host, b.port);
+    let mut opts = MqttOptions::new(&b.client_id, &address.0, address.1);
     opts.set_keep_alive(Duration::from_secs(b.keep_alive_s.max(5)));
     // Persistent session + manual acks: an input is acknowledged only once its
     // result is handed to the client, and a restarted daemon gets what it had not

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use rumqttc::v5::mqttbytes::v5::Publish;
+use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::AsyncClient;
 use tokio::sync::mpsc;
@@ -45,6 +45,8 @@ pub struct Answer {
     pub payload: Vec<u8>,
     /// `None` for a result, the error code otherwise.
     pub error: Option<&'static str>,
+    /// An MQTT 5 request's correlation data and user properties, echoed.
+    pub properties: Option<PublishProperties>,
 }
 
 /// A received message, as kept until its acknowledgement: the packet id, not the
@@ -67,10 +69,25 @@ pub async fn publish(
 ) {
     while let Some(delivery) = deliveries.recv().await {
         if let Some(answer) = delivery.answer {
-            if let Err(e) = client
-                .publish(answer.topic, QoS::AtLeastOnce, false, answer.payload)
-                .await
-            {
+            let handed = match answer.properties {
+                None => {
+                    client
+                        .publish(answer.topic, QoS::AtLeastOnce, false, answer.payload)
+                        .await
+                }
+                Some(properties) => {
+                    client
+                        .publish_with_properties(
+                            answer.topic,
+                            QoS::AtLeastOnce,
+                            false,
+                            answer.payload,
+                            properties,
+                        )
+                        .await
+                }
+            };
+            if let Err(e) = handed {
                 log::error!(
                     "cannot hand a result to the MQTT client: {e}; input left unacknowledged"
                 );

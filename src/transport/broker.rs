@@ -1,0 +1,146 @@
+//! The embedded broker (`[broker.embedded]`): an MQTT 3.1.1 and 5 broker on the
+//! daemon's own tokio runtime, for a device that has no broker. The daemon then
+//! connects to it over loopback exactly as to an external one (same client, same
+//! persistent session, same acknowledgements): nothing in delivery knows which.
+//!
+//! It is [mqtt5](https://crates.io/crates/mqtt5)'s broker. What the daemon relies on
+//! (Receive Maximum honoured, PUBACKs in any order, persistent sessions, `$share`,
+//! retained messages, wills, 3.1.1 and 5 on one port) is tested against it in
+//! `tests/embedded.rs`.
+//!
+//! Durability with `data_dir`: sessions (subscriptions) are written and fsynced
+//! before they are acknowledged; queued and in-flight messages are written behind,
+//! within about 250 ms and without fsync, and a connected client's backlog is kept
+//! in that stored queue rather than in memory (`client_channel_capacity` below). So
+//! a killed daemon loses what its broker accepted in its last quarter second, and a
+//! power cut what the system had not yet written back (README: "The embedded
+//! broker").
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use mqtt5::broker::config::{StorageBackend, StorageConfig};
+use mqtt5::broker::{BrokerConfig, BrokerShutdownHandle, MqttBroker};
+use tokio::task::JoinHandle;
+
+use crate::config::{Daemon, Embedded};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("embedded broker: cannot listen on {listen}: {reason}")]
+    Start { listen: SocketAddr, reason: String },
+    #[error("embedded broker: {0}")]
+    Run(String),
+}
+
+/// Bytes the broker may add to a message it forwards (a subscription
+/// identifier, the packet header growing by a byte): the broker's own cap sits
+/// this far below the daemon's, so that everything it accepts reaches the daemon.
+const FORWARD_HEADROOM: usize = 64;
+
+/// A running embedded broker.
+pub struct Broker {
+    /// Where it listens (the port chosen when `listen` asked for port 0).
+    pub address: SocketAddr,
+    shutdown: BrokerShutdownHandle,
+    task: JoinHandle<()>,
+}
+
+impl Broker {
+    /// Binds `config.listen`, recovers the sessions in `data_dir` and starts
+    /// accepting. Returns once clients can connect.
+    pub async fn start(config: &Embedded, daemon: &Daemon) -> Result<Broker, BrokerError> {
+        let storage = match &config.data_dir {
+            Some(dir) => StorageConfig::new()
+                .with_backend(StorageBackend::File)
+                .with_base_dir(dir.clone()),
+            None => StorageConfig::new().with_backend(StorageBackend::Memory),
+        }
+        // Memory-only still needs the storage layer: it is where a persistent
+        // session's messages wait while its client is away.
+        .with_persistence(true)
+        .with_max_queued_messages_per_client(config.max_queued_messages)
+        .with_max_queued_bytes_per_client(config.max_queued_bytes);
+        let mut broker_config = BrokerConfig::new()
+            .with_bind_address(config.listen)
+            .with_max_clients(config.max_clients)
+            .with_max_packet_size(daemon.max_packet_bytes.saturating_sub(FORWARD_HEADROOM))
+            .with_max_retained_messages(config.max_retained_messages)
+            .with_max_retained_message_size(daemon.max_packet_bytes)
+            .with_storage(storage);
+        if config.data_dir.is_some() {
+            // mqtt5 hands a message for a connected client to an in-memory channel
+            // of that connection (10,000 deep by default) and only what overflows it
+            // to the session's stored queue; the channel is written back to the
+            // queue when the connection ends, not when the process dies. With a
+            // channel of one, what waits past the client's Receive Maximum (the
+            // daemon's backlog) waits in the stored queue, so a SIGKILL loses at
+            // most that one message instead of the whole backlog
+            // (tests/embedded.rs, killed_daemon_with_data_dir_keeps_unacknowledged_input).
+            broker_config = broker_config.with_client_channel_capacity(1);
+        }
+        // Topic aliases let a publisher send a packet smaller than the one the
+        // broker forwards (with the whole topic), which could then exceed the
+        // daemon's Maximum Packet Size and be dropped unseen.
+        broker_config.topic_alias_maximum = 0;
+        let mut broker =
+            MqttBroker::with_config(broker_config)
+                .await
+                .map_err(|e| BrokerError::Start {
+                    listen: config.listen,
+                    reason: e.to_string(),
+                })?;
+        let address = broker
+            .local_addr()
+            .ok_or_else(|| BrokerError::Run("no listening socket".into()))?;
+        let shutdown = broker.shutdown_handle();
+        let mut ready = broker.ready_receiver();
+        let (failed_tx, failed) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            if let Err(e) = broker.run().await {
+                log::error!("embedded broker stopped: {e}");
+                let _ = failed_tx.send(e.to_string());
+            }
+        });
+        // Sessions in data_dir are recovered before the broker accepts anyone.
+        tokio::select! {
+            ok = ready.wait_for(|r| *r) => {
+                ok.map_err(|_| BrokerError::Run("stopped while starting".into()))?;
+            }
+            Ok(reason) = failed => return Err(BrokerError::Run(reason)),
+        }
+        let storage = match &config.data_dir {
+            Some(dir) => format!("sessions and messages in {}", dir.display()),
+            None => "in memory only".into(),
+        };
+        log::info!("embedded broker listening on {address} (MQTT 3.1.1 and 5; {storage})");
+        Ok(Broker {
+            address,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Where the daemon's own client connects: the bound address, with loopback
+    /// for an unspecified one (`0.0.0.0` listens everywhere, but is no
+    /// destination).
+    pub fn client_address(&self) -> (String, u16) {
+        let ip = match self.address.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        (ip.to_string(), self.address.port())
+    }
+
+    /// Stops accepting, closes the connections and writes out what is pending in
+    /// `data_dir`; waits at most `within`.
+    pub async fn stop(self, within: Duration) {
+        self.shutdown.shutdown();
+        let mut task = self.task;
+        if tokio::time::timeout(within, &mut task).await.is_err() {
+            log::warn!("embedded broker did not stop within {within:?}");
+            task.abort();
+        }
+    }
+}
