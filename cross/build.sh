@@ -5,7 +5,7 @@
 #            x86_64-unknown-linux-gnu (the host), or any triple cross/env.sh knows
 #   PROFILE  device (default for ARM: the shipped binary, release with the non-tract
 #            dependencies at opt-level "s"), device-small (all "s": smallest, slower),
-#            release (default for x86_64), or ci-arm (no LTO, what CI runs under qemu)
+#            dist (default for x86_64: release with fat LTO), release, or ci-arm (no LTO, what CI runs under qemu)
 #   --tests  also builds the engine test (tests/goldens.rs) in the same cargo
 #            run, so dependencies compile once; its path is printed as TEST=...
 # Prints BIN=<path to the binary> and its size. Honours CARGO_TARGET_DIR.

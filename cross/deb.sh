@@ -3,7 +3,7 @@
 #   cross/deb.sh TARGET [PROFILE] [--bin PATH] [--out DIR]
 # TARGET picks the Debian architecture (aarch64-* arm64, armv7-* armhf, x86_64-* amd64)
 # and, unless --bin is given, the binary target/TARGET/PROFILE/anotador that
-# cross/build.sh made (PROFILE: device for ARM, release for x86_64, as there). Writes
+# cross/build.sh made (PROFILE: device for ARM, dist for x86_64, as there). Writes
 # DIR/anotador_VERSION_ARCH.deb (DIR: target/deb) with plain dpkg-deb, no debhelper:
 #   /usr/bin/anotador
 #   /usr/share/anotador/models/{ner-es,pos-es,emotion-es}/   the shipped bundles
@@ -54,7 +54,7 @@ install -d -m 0755 "$root/DEBIAN" "$root/usr/bin" "$root/etc/anotador" \
   "$root/lib/systemd/system" "$root/usr/share/anotador/models" "$root/usr/share/doc/anotador"
 
 install -m 0755 "$bin" "$root/usr/bin/anotador"
-# Already stripped by the release and ci-arm profiles; a dev build is not.
+# Already stripped by the release-based profiles (dist, device, ci-arm); a dev build is not.
 "$STRIP" --strip-unneeded "$root/usr/bin/anotador" 2>/dev/null || true
 
 for m in "${models[@]}"; do

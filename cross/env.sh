@@ -5,7 +5,7 @@
 #   RUSTUP_TOOLCHAIN           only where the default toolchain ships no std for it
 #   QEMU, QEMU_SYSROOT         the qemu-user binary; -L sysroot for glibc builds
 #   CROSS_PREFIX, DEB_ARCH     binutils prefix (strip) and the Debian architecture
-#   DEFAULT_PROFILE            device (ARM: release, dependencies sized down) or release (x86_64)
+#   DEFAULT_PROFILE            device (ARM: fat LTO, dependencies sized down) or dist (x86_64: fat LTO)
 # Linkers and default qemu runners are in .cargo/config.toml.
 
 cross_target="${1:?usage: . cross/env.sh TARGET}"
@@ -22,7 +22,7 @@ case "$cross_target" in
   armv7-unknown-linux-musleabihf|armv7-unknown-linux-gnueabihf|arm-unknown-linux-gnueabihf)
     CROSS_PREFIX=arm-linux-gnueabihf; QEMU=qemu-arm; DEB_ARCH=armhf; DEFAULT_PROFILE=device ;;
   x86_64-unknown-linux-gnu|x86_64-unknown-linux-musl)
-    CROSS_PREFIX=x86_64-linux-gnu; QEMU=; DEB_ARCH=amd64; DEFAULT_PROFILE=release ;;
+    CROSS_PREFIX=x86_64-linux-gnu; QEMU=; DEB_ARCH=amd64; DEFAULT_PROFILE=dist ;;
   *) echo "cross/env.sh: unsupported target $cross_target" >&2; return 1 ;;
 esac
 
