@@ -20,7 +20,9 @@ pub use rewrite::{Int8Rewrite, RewriteReport, Rewrites};
 
 use crate::error::{Error, Result};
 
-/// The model inputs we know how to feed, by their ONNX names.
+/// The model inputs we know how to feed, by their ONNX names (hence `Input`
+/// in the variants' names: they are the graph's `input_ids`, …).
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Input {
     InputIds,

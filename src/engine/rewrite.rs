@@ -14,6 +14,7 @@
 //!      of an fp32 model.
 //!    - `Keep`: tract's own `MatMulInteger` (20–40× slower than fp32 on x86
 //!      without VNNI: it widens i8 to i16 per element); for comparisons only.
+//!
 //!    A weight shared by several nodes (ALBERT's shared layers) is converted once.
 //! 2. `fuse_tanh_gelu`: tract 0.23 leaves the exported tanh-GELU of ALBERT
 //!    (`0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`) as eight element-wise ops with

@@ -168,9 +168,14 @@ pub fn answers(
         p_end[0] = 0.0;
 
         let mut spans: Vec<(f32, usize, usize)> = Vec::with_capacity(n * params.max_answer_len);
-        for s in 0..n {
-            for e in s..n.min(s + params.max_answer_len) {
-                spans.push((p_start[s] * p_end[e], s, e));
+        for (s, &ps) in p_start.iter().enumerate().take(n) {
+            for (e, &pe) in p_end
+                .iter()
+                .enumerate()
+                .take(n.min(s + params.max_answer_len))
+                .skip(s)
+            {
+                spans.push((ps * pe, s, e));
             }
         }
         // Best first; equal scores by position (the pipeline leaves their order to
@@ -235,7 +240,7 @@ fn context_word(w: &Window, word: Option<u32>) -> Option<(usize, usize)> {
     let mut tokens =
         (0..w.ids.len()).filter(|&t| w.sequence[t] == Some(1) && w.words[t] == Some(word));
     let first = tokens.next()?;
-    let last = tokens.last().unwrap_or(first);
+    let last = tokens.next_back().unwrap_or(first);
     Some((w.offsets[first].0, w.offsets[last].1))
 }
 

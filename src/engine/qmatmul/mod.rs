@@ -251,7 +251,8 @@ impl QWeights {
                 }
                 // A row stride that is a multiple of 4 KiB makes AMX stores collide in
                 // the cache: pad it by 16 values.
-                let ldc = self.n.div_ceil(16) * 16 + if self.n % 1024 == 0 { 16 } else { 0 };
+                let ldc =
+                    self.n.div_ceil(16) * 16 + if self.n.is_multiple_of(1024) { 16 } else { 0 };
                 let mut c = unsafe { Tensor::uninitialized::<i32>(&[rows.max(1), ldc])? };
                 w.matmul(&a, rows, &mut c, ldc)?;
                 let view = c.try_as_plain_ram()?;
@@ -508,6 +509,8 @@ impl Expansion for QMatMul {
 mod tests {
     use super::*;
 
+    // The definition, spelled out argument by argument on purpose.
+    #[allow(clippy::too_many_arguments)]
     fn naive(
         x: &[f32],
         rows: usize,
