@@ -87,31 +87,7 @@ enum Command {
     /// stdin) with a response topic and correlation data, and print each answer (the
     /// daemon's JSON envelope) in order. The route must allow the response topic
     /// (`responses` in its [[routes]] entry).
-    Ask {
-        /// The text to annotate; without it, each line of stdin is one request.
-        text: Option<String>,
-        /// Send each input as it is (a route with format = "text", or a JSON object of
-        /// your own such as {"question", "context"}) instead of as {"text": …}.
-        #[arg(long)]
-        raw: bool,
-        /// The broker (the daemon's embedded one by default).
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        #[arg(long, default_value_t = 1883)]
-        port: u16,
-        /// A topic a daemon's route takes requests on.
-        #[arg(long, default_value = "anotador/in/ner/ask")]
-        topic: String,
-        /// The response topic [default: anotador/reply/<this client's id>].
-        #[arg(long)]
-        reply_to: Option<String>,
-        /// Seconds to wait for the next answer.
-        #[arg(long, default_value_t = 30.0)]
-        timeout: f64,
-        /// Requests sent and not yet answered, at most.
-        #[arg(long, default_value_t = 16)]
-        in_flight: usize,
-    },
+    Ask(AskArgs),
     /// Validate a configuration and load every model (or just bundles) without connecting;
     /// non-zero exit on any problem.
     Check {
@@ -206,25 +182,7 @@ fn main() -> anyhow::Result<()> {
             anotador::daemon::run(&config)?;
             Ok(())
         }
-        Command::Ask {
-            text,
-            raw,
-            host,
-            port,
-            topic,
-            reply_to,
-            timeout,
-            in_flight,
-        } => ask(AskArgs {
-            text,
-            raw,
-            host,
-            port,
-            topic,
-            reply_to,
-            timeout,
-            in_flight,
-        }),
+        Command::Ask(args) => ask(args),
         Command::Check { config, models } => {
             if let Some(path) = config {
                 let config = anotador::config::Config::load(&path)?;
@@ -254,14 +212,30 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+#[derive(Args)]
 struct AskArgs {
+    /// The text to annotate; without it, each line of stdin is one request.
     text: Option<String>,
+    /// Send each input as it is (a route with format = "text", or a JSON object of
+    /// your own such as {"question", "context"}) instead of as {"text": …}.
+    #[arg(long)]
     raw: bool,
+    /// The broker (the daemon's embedded one by default).
+    #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    #[arg(long, default_value_t = 1883)]
     port: u16,
+    /// A topic a daemon's route takes requests on.
+    #[arg(long, default_value = "anotador/in/ner/ask")]
     topic: String,
+    /// The response topic [default: anotador/reply/<this client's id>].
+    #[arg(long)]
     reply_to: Option<String>,
+    /// Seconds to wait for the next answer.
+    #[arg(long, default_value_t = 30.0)]
     timeout: f64,
+    /// Requests sent and not yet answered, at most.
+    #[arg(long, default_value_t = 16)]
     in_flight: usize,
 }
 
