@@ -216,33 +216,13 @@ fn killed_daemon_loses_nothing_and_sigterm_says_offline() {
     });
     daemon.kill();
     let mut answered: HashMap<i64, usize> = HashMap::new();
-    for (t, v) in &first {
-        if t.starts_with("out/") {
-            *answered.entry(v["id"].as_i64().unwrap()).or_default() += 1;
-        }
-    }
+    count_answers(&mut answered, &first);
     assert!(answered.len() < total, "the kill should land mid-stream");
 
     // Second run, same client id: the broker hands over what was not acknowledged.
     let mut daemon = Daemon::start(&config);
-    let rest = device.collect(Duration::from_secs(60), |g| {
-        let mut seen: std::collections::HashSet<i64> = answered.keys().copied().collect();
-        for (t, v) in g {
-            if t.starts_with("out/") {
-                seen.insert(v["id"].as_i64().unwrap());
-            }
-        }
-        seen.len() >= total
-    });
-    for (t, v) in &rest {
-        if t.starts_with("out/") {
-            *answered.entry(v["id"].as_i64().unwrap()).or_default() += 1;
-        }
-    }
-    let lost: Vec<usize> = (0..total)
-        .filter(|i| !answered.contains_key(&(*i as i64)))
-        .collect();
-    let duplicates: usize = answered.values().map(|n| n - 1).sum();
+    let (lost, duplicates) =
+        collect_the_rest(&device, &mut answered, total, Duration::from_secs(60));
     println!(
         "sent {total}, answered {}, duplicates {duplicates}, lost {}",
         answered.len(),

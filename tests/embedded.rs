@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::process::Command;
 use std::time::Duration;
 
@@ -366,12 +366,9 @@ fn killed_daemon_with_data_dir_keeps_unacknowledged_input() {
     // Everything the device got from the first daemon, including what arrived
     // during the wait: only then does "mid-stream" mean something.
     let before = device.collect(Duration::from_secs(1), |_| false);
-    let mut answered: BTreeMap<i64, usize> = BTreeMap::new();
-    for (t, v) in first.iter().chain(&before) {
-        if t.starts_with("out/") {
-            *answered.entry(v["id"].as_i64().unwrap()).or_default() += 1;
-        }
-    }
+    let mut answered: HashMap<i64, usize> = HashMap::new();
+    count_answers(&mut answered, &first);
+    count_answers(&mut answered, &before);
     let answered_before_kill = answered.len();
     assert!(
         answered_before_kill < total,
@@ -382,24 +379,8 @@ fn killed_daemon_with_data_dir_keeps_unacknowledged_input() {
     let mut daemon = Daemon::start(&config);
     // Its broker is up (and its signal handlers with it) before anything is counted.
     embedded_port(&daemon);
-    let rest = device.collect(Duration::from_secs(120), |g| {
-        let mut seen: HashSet<i64> = answered.keys().copied().collect();
-        for (t, v) in g {
-            if t.starts_with("out/") {
-                seen.insert(v["id"].as_i64().unwrap());
-            }
-        }
-        seen.len() >= total
-    });
-    for (t, v) in &rest {
-        if t.starts_with("out/") {
-            *answered.entry(v["id"].as_i64().unwrap()).or_default() += 1;
-        }
-    }
-    let lost: Vec<usize> = (0..total)
-        .filter(|i| !answered.contains_key(&(*i as i64)))
-        .collect();
-    let duplicates: usize = answered.values().map(|n| n - 1).sum();
+    let (lost, duplicates) =
+        collect_the_rest(&device, &mut answered, total, Duration::from_secs(120));
     println!(
         "embedded broker, SIGKILL + restart on data_dir: sent {total}, answered {answered_before_kill} \
          before the kill and {} in all, duplicates {duplicates}, lost {}",

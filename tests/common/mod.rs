@@ -394,6 +394,44 @@ fn sigterm(pid: u32) {
     assert!(ok);
 }
 
+/// Counts each `out/…` answer per input id into `answered`.
+pub fn count_answers(
+    answered: &mut std::collections::HashMap<i64, usize>,
+    got: &[(String, Value)],
+) {
+    for (t, v) in got {
+        if t.starts_with("out/") {
+            *answered.entry(v["id"].as_i64().unwrap()).or_default() += 1;
+        }
+    }
+}
+
+/// After a restart: collects until every id below `total` has an answer (or the
+/// timeout), counts what came, and returns the ids never answered and the number
+/// of duplicates.
+pub fn collect_the_rest(
+    device: &Device,
+    answered: &mut std::collections::HashMap<i64, usize>,
+    total: usize,
+    timeout: Duration,
+) -> (Vec<usize>, usize) {
+    let rest = device.collect(timeout, |g| {
+        let mut seen: std::collections::HashSet<i64> = answered.keys().copied().collect();
+        for (t, v) in g {
+            if t.starts_with("out/") {
+                seen.insert(v["id"].as_i64().unwrap());
+            }
+        }
+        seen.len() >= total
+    });
+    count_answers(answered, &rest);
+    let lost = (0..total)
+        .filter(|i| !answered.contains_key(&(*i as i64)))
+        .collect();
+    let duplicates = answered.values().map(|n| n - 1).sum();
+    (lost, duplicates)
+}
+
 /// A device: publishes inputs, collects everything on `out/#`, `err/#` and `anotador/#`.
 pub struct Device {
     pub client: Client,
