@@ -147,6 +147,41 @@ fn layer_norm_fusion_keeps_outputs_and_happens() {
     }
 }
 
+/// Every layer's self-attention becomes one op, on both int8 paths, and the logits
+/// stay those of tract running the exported subgraph.
+#[test]
+fn attention_fusion_keeps_outputs_and_happens() {
+    for name in ["albert-token", "bert-token", "distilbert-seq"] {
+        let dir = fixture(name);
+        for path in [Int8Path::Native, Int8Path::Dequantize] {
+            let with = |fuse_attention| {
+                Engine::load_with(
+                    &dir,
+                    Rewrites {
+                        fuse_attention,
+                        ..Rewrites::for_path(path)
+                    },
+                )
+                .unwrap()
+            };
+            let (fused, plain) = (with(true), with(false));
+            assert_eq!(
+                fused.info().rewrites.attention_fused,
+                2,
+                "{name}: one per layer (two layers)"
+            );
+            assert_eq!(plain.info().rewrites.attention_fused, 0);
+            let a = fused.state().unwrap().run(&batch()).unwrap();
+            let b = plain.state().unwrap().run(&batch()).unwrap();
+            let d = max_delta(&a.values, &b.values);
+            assert!(
+                d < 1e-4,
+                "{name} {path:?}: fused attention changed logits by {d}"
+            );
+        }
+    }
+}
+
 #[test]
 fn int8_paths_agree() {
     for name in ["albert-token", "bert-token", "distilbert-seq"] {

@@ -4,6 +4,7 @@
 //!
 //! The engine knows tensors, not tasks: it takes token ids and returns logits.
 
+mod attention;
 mod layer_norm;
 pub mod qmatmul;
 mod rewrite;
@@ -201,6 +202,8 @@ impl Engine {
         onnx.op_register.insert(qmatmul::ONNX_OP, qmatmul::parse);
         onnx.op_register
             .insert(layer_norm::ONNX_OP, layer_norm::parse);
+        onnx.op_register
+            .insert(attention::ONNX_OP, attention::parse);
         // Decoded from a read-only map of the file: reading it into memory first
         // held the bytes, tract's copy of them and the decoded protobuf at once
         // (3 × the file; BERT-base: 545 MiB at peak for a 182 MB bundle).
@@ -258,7 +261,7 @@ impl Engine {
         let mut registry = qmatmul::Registry::hold();
         let rewrites = rewrite::rewrite(graph, which, &mut registry);
         log::info!(
-            "{}: {}/{} MatMulInteger int8 ({} weights, {:.1} MiB packed, kernels {:?}), {} dequantized ({} weights), fused {} tanh-GELU ({} into the matmul before), {} layer norms ({} with their residual add)",
+            "{}: {}/{} MatMulInteger int8 ({} weights, {:.1} MiB packed, kernels {:?}), {} dequantized ({} weights), fused {} tanh-GELU ({} into the matmul before), {} layer norms ({} with their residual add), {} self-attentions",
             path.display(),
             rewrites.matmul_integer_fused,
             rewrites.matmul_integer_total,
@@ -270,7 +273,8 @@ impl Engine {
             rewrites.gelu_fused,
             rewrites.gelu_into_matmul,
             rewrites.layer_norm_fused,
-            rewrites.residual_add_fused
+            rewrites.residual_add_fused,
+            rewrites.attention_fused
         );
 
         let mut model = onnx

@@ -19,7 +19,12 @@
 //! 2. `fuse_tanh_gelu`: tract 0.23 leaves the exported tanh-GELU of ALBERT
 //!    (`0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`) as eight element-wise ops with
 //!    a scalar `powf`; one `Gelu(approximate="tanh")` node runs a fused kernel.
-//! 3. `value_info` is dropped: quantized files carry symbolic shapes there that
+//! 3. `fuse_layer_norm`: each `LayerNormalization`, with the residual `Add` before
+//!    it, becomes one [`LayerNorm`](super::layer_norm) node.
+//! 4. `fuse_attention`: each head-split self-attention (reshapes and transposes into
+//!    heads, `MatMul(Q, Kᵀ)`, scale, mask add, `Softmax`, `MatMul(·, V)`, transpose
+//!    and reshape back) becomes one [`Attention`](super::attention) node.
+//! 5. `value_info` is dropped: quantized files carry symbolic shapes there that
 //!    conflict with the concrete ones tract infers.
 
 use std::collections::{HashMap, HashSet};
@@ -54,6 +59,8 @@ pub struct RewriteReport {
     pub layer_norm_fused: usize,
     pub residual_add_fused: usize,
     pub gelu_fused: usize,
+    /// Self-attention subgraphs run as one op.
+    pub attention_fused: usize,
     pub nodes_removed: usize,
 }
 
@@ -78,6 +85,7 @@ pub struct Rewrites {
     pub int8: Int8Rewrite,
     pub fuse_gelu: bool,
     pub fuse_layer_norm: bool,
+    pub fuse_attention: bool,
 }
 
 impl Default for Rewrites {
@@ -86,6 +94,7 @@ impl Default for Rewrites {
             int8: Int8Rewrite::Dequantize,
             fuse_gelu: true,
             fuse_layer_norm: true,
+            fuse_attention: true,
         }
     }
 }
@@ -128,6 +137,9 @@ pub fn rewrite(graph: &mut GraphProto, which: Rewrites, registry: &mut Registry)
     }
     if which.fuse_layer_norm {
         fuse_layer_norm(graph, &mut report);
+    }
+    if which.fuse_attention {
+        fuse_attention(graph, &mut report);
     }
     report.nodes_removed += remove_dead_nodes(graph);
     report
@@ -844,6 +856,226 @@ fn fuse_layer_norm(graph: &mut GraphProto, report: &mut RewriteReport) {
     for (ix, node) in replacements {
         graph.node[ix] = node;
     }
+}
+
+/// Self-attention → one [`Attention`](super::attention) node, for the form every
+/// Hugging Face BERT-family export writes (BERT, ALBERT, DistilBERT, RoBERTa):
+///
+/// ```text
+/// q, k, v: [B, S, H·D] ─Reshape [B, S, H, D]─Transpose─┐ (q: 0213, k: 0231, v: 0213)
+/// MatMul(q, k) ─Mul/Div(scalar)─Add(mask)─Softmax(last)─MatMul(·, v)
+///   ─Transpose 0213─Reshape [B, S, H·D]
+/// ```
+///
+/// Anything else (a different layout, a mask not derived from `attention_mask`, an
+/// intermediate read elsewhere) is left to tract as it is.
+fn fuse_attention(graph: &mut GraphProto, report: &mut RewriteReport) {
+    use super::attention::{ATTR_HEAD_DIM, ATTR_SCALE, ONNX_OP};
+    let index = Index::new(graph);
+    let consts = Consts::new(graph);
+    let outputs: HashSet<&String> = graph.output.iter().map(|o| &o.name).collect();
+    let node = |value: &str, op: &str| -> Option<usize> {
+        let &p = index.producer.get(value)?;
+        (graph.node[p].op_type == op).then_some(p)
+    };
+    // The value is read by this node alone and is not a graph output.
+    let only = |value: &str, by: usize| {
+        index.sole_consumer(value) == Some(by) && !outputs.contains(&value.to_string())
+    };
+    let perm = |ix: usize| -> Vec<i64> {
+        graph.node[ix]
+            .attribute
+            .iter()
+            .find(|a| a.name == "perm")
+            .map(|a| a.ints.clone())
+            .unwrap_or_default()
+    };
+    // `Transpose(Reshape(x, [B, S, H, D]), perm)` → (x, H, D), H possibly -1
+    // (inferred: newer exports write `view(B, S, -1, D)`).
+    let heads_of = |value: &str, want: &[i64]| -> Option<(String, i64, i64)> {
+        let t = node(value, "Transpose")?;
+        if perm(t) != want {
+            return None;
+        }
+        let r = node(&graph.node[t].input[0], "Reshape")?;
+        let shape = shape_values(graph, &index, &consts, &graph.node[r].input[1])?;
+        match shape.as_slice() {
+            [_, _, Some(h), Some(d)] if (*h > 0 || *h == -1) && *d > 0 => {
+                Some((graph.node[r].input[0].clone(), *h, *d))
+            }
+            _ => None,
+        }
+    };
+
+    let mut replacements = Vec::new();
+    for (sm_ix, sm) in graph.node.iter().enumerate() {
+        if sm.op_type != "Softmax" {
+            continue;
+        }
+        let axis = sm.attribute.iter().find(|a| a.name == "axis");
+        if !axis.is_some_and(|a| a.i == -1 || a.i == 3) {
+            continue;
+        }
+        let fused = (|| {
+            let add = node(&sm.input[0], "Add").filter(|_| only(&sm.input[0], sm_ix))?;
+            let add_in = &graph.node[add].input;
+            // The scaled scores on one side (a scaled `MatMul`: the mask is often a
+            // `Mul` too), the mask on the other.
+            let (scaled, mask) = [(0, 1), (1, 0)].into_iter().find_map(|(s, m)| {
+                let ix = index.producer.get(&add_in[s]).copied()?;
+                let op = &graph.node[ix].op_type;
+                let of_matmul = graph.node[ix]
+                    .input
+                    .iter()
+                    .any(|i| node(i, "MatMul").is_some());
+                ((op == "Mul" || op == "Div") && of_matmul).then(|| (ix, add_in[m].clone()))
+            })?;
+            if !only(&graph.node[scaled].output[0], add)
+                || !from_attention_mask(graph, &index, &mask)
+            {
+                return None;
+            }
+            let sc = &graph.node[scaled];
+            let (scores, scale) = if sc.op_type == "Div" {
+                (sc.input[0].clone(), 1.0 / scalar(&consts, &sc.input[1])?)
+            } else if let Some(c) = scalar(&consts, &sc.input[1]) {
+                (sc.input[0].clone(), c)
+            } else {
+                (sc.input[1].clone(), scalar(&consts, &sc.input[0])?)
+            };
+            let qk = node(&scores, "MatMul").filter(|_| only(&scores, scaled))?;
+            let (q, h, d) = heads_of(&graph.node[qk].input[0], &[0, 2, 1, 3])?;
+            let (k, hk, dk) = heads_of(&graph.node[qk].input[1], &[0, 2, 3, 1])?;
+            let pv = index.sole_consumer(&sm.output[0])?;
+            let pv_node = &graph.node[pv];
+            if pv_node.op_type != "MatMul" || pv_node.input[0] != sm.output[0] {
+                return None;
+            }
+            let (v, hv, dv) = heads_of(&pv_node.input[1], &[0, 2, 1, 3])?;
+            if (hk, dk) != (h, d) || (hv, dv) != (h, d) {
+                return None;
+            }
+            let back = index.sole_consumer(&pv_node.output[0])?;
+            if graph.node[back].op_type != "Transpose" || perm(back) != [0, 2, 1, 3] {
+                return None;
+            }
+            let merge = index.sole_consumer(&graph.node[back].output[0])?;
+            let merged = &graph.node[merge];
+            if merged.op_type != "Reshape" {
+                return None;
+            }
+            // Back to [B, S, H·D], the last axis spelt out or inferred.
+            match shape_values(graph, &index, &consts, &merged.input[1])?.as_slice() {
+                [_, _, Some(-1)] => {}
+                [_, _, Some(hd)] if (h > 0 && *hd == h * d) || (h == -1 && hd % d == 0) => {}
+                _ => return None,
+            }
+            Some((
+                merge,
+                NodeProto {
+                    name: format!("{}_attention", sm.name),
+                    op_type: ONNX_OP.into(),
+                    input: vec![q, k, v, mask],
+                    output: vec![merged.output[0].clone()],
+                    attribute: vec![
+                        int_attribute(ATTR_HEAD_DIM, d),
+                        AttributeProto {
+                            name: ATTR_SCALE.into(),
+                            r#type: AttributeType::Float as i32,
+                            f: scale,
+                            ..Default::default()
+                        },
+                    ],
+                    ..Default::default()
+                },
+            ))
+        })();
+        if let Some(replacement) = fused {
+            replacements.push(replacement);
+        }
+    }
+    // The eleven nodes the new one replaces lose their reader and go with the
+    // dead nodes.
+    report.attention_fused += replacements.len();
+    for (ix, node) in replacements {
+        graph.node[ix] = node;
+    }
+}
+
+/// The values of a shape operand: a constant, or a `Concat` of one-element
+/// pieces where only the constant ones are known (`None`: computed at run time,
+/// as exports do for the batch and sequence axes).
+fn shape_values(
+    graph: &GraphProto,
+    index: &Index,
+    consts: &Consts,
+    value: &str,
+) -> Option<Vec<Option<i64>>> {
+    if let Some(t) = consts.get(value) {
+        return Some(
+            tensor_values(t)?
+                .into_iter()
+                .map(|v| Some(v as i64))
+                .collect(),
+        );
+    }
+    let &p = index.producer.get(value)?;
+    let concat = &graph.node[p];
+    if concat.op_type != "Concat" {
+        return None;
+    }
+    Some(
+        concat
+            .input
+            .iter()
+            .map(|piece| scalar(consts, piece).map(|v| v as i64))
+            .collect(),
+    )
+}
+
+/// Whether `value` is computed from the graph input `attention_mask` and constants
+/// only, through the element-wise and shape ops exports use to turn it into an
+/// additive mask: the fused op broadcasts it and nothing else.
+fn from_attention_mask(graph: &GraphProto, index: &Index, value: &str) -> bool {
+    const OPS: [&str; 9] = [
+        "Unsqueeze",
+        "Cast",
+        "Sub",
+        "Mul",
+        "Add",
+        "Where",
+        "Equal",
+        "Expand",
+        "Constant",
+    ];
+    let mut todo = vec![value.to_string()];
+    let mut seen = HashSet::new();
+    let mut reaches_input = false;
+    while let Some(v) = todo.pop() {
+        if !seen.insert(v.clone()) {
+            continue;
+        }
+        if v == "attention_mask" {
+            reaches_input = true;
+            continue;
+        }
+        match index.producer.get(&v) {
+            Some(&p) => {
+                let n = &graph.node[p];
+                if !OPS.contains(&n.op_type.as_str()) {
+                    return false;
+                }
+                todo.extend(n.input.iter().filter(|i| !i.is_empty()).cloned());
+            }
+            // An initializer; any other graph input is not the mask.
+            None => {
+                if !graph.initializer.iter().any(|t| t.name == v) {
+                    return false;
+                }
+            }
+        }
+    }
+    reaches_input
 }
 
 /// Drops nodes whose outputs nobody reads, repeatedly, so the quantizer and
