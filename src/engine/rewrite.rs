@@ -873,15 +873,14 @@ fn fuse_attention(graph: &mut GraphProto, report: &mut RewriteReport) {
     use super::attention::{ATTR_HEAD_DIM, ATTR_SCALE, ONNX_OP};
     let index = Index::new(graph);
     let consts = Consts::new(graph);
-    let outputs: HashSet<&String> = graph.output.iter().map(|o| &o.name).collect();
+    let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
     let node = |value: &str, op: &str| -> Option<usize> {
         let &p = index.producer.get(value)?;
         (graph.node[p].op_type == op).then_some(p)
     };
     // The value is read by this node alone and is not a graph output.
-    let only = |value: &str, by: usize| {
-        index.sole_consumer(value) == Some(by) && !outputs.contains(&value.to_string())
-    };
+    let only =
+        |value: &str, by: usize| index.sole_consumer(value) == Some(by) && !outputs.contains(value);
     let perm = |ix: usize| -> Vec<i64> {
         graph.node[ix]
             .attribute
@@ -931,7 +930,7 @@ fn fuse_attention(graph: &mut GraphProto, report: &mut RewriteReport) {
                 ((op == "Mul" || op == "Div") && of_matmul).then(|| (ix, add_in[m].clone()))
             })?;
             if !only(&graph.node[scaled].output[0], add)
-                || !from_attention_mask(graph, &index, &mask)
+                || !from_attention_mask(graph, &index, &consts, &mask)
             {
                 return None;
             }
@@ -1036,7 +1035,7 @@ fn shape_values(
 /// Whether `value` is computed from the graph input `attention_mask` and constants
 /// only, through the element-wise and shape ops exports use to turn it into an
 /// additive mask: the fused op broadcasts it and nothing else.
-fn from_attention_mask(graph: &GraphProto, index: &Index, value: &str) -> bool {
+fn from_attention_mask(graph: &GraphProto, index: &Index, consts: &Consts, value: &str) -> bool {
     const OPS: [&str; 9] = [
         "Unsqueeze",
         "Cast",
@@ -1068,11 +1067,8 @@ fn from_attention_mask(graph: &GraphProto, index: &Index, value: &str) -> bool {
                 todo.extend(n.input.iter().filter(|i| !i.is_empty()).cloned());
             }
             // An initializer; any other graph input is not the mask.
-            None => {
-                if !graph.initializer.iter().any(|t| t.name == v) {
-                    return false;
-                }
-            }
+            None if consts.contains(&v) => {}
+            None => return false,
         }
     }
     reaches_input
