@@ -13,6 +13,9 @@ use tract_onnx::tract_core::tract_linalg::MmmDispatch;
 #[derive(Debug)]
 pub struct Packed {
     pub n: usize,
+    /// K rounded up to what the kernel's formats need (64 for AMX); the rows
+    /// past K are zero on both sides, so they add nothing.
+    pub k_padded: usize,
     mmm: Box<dyn MatMatMul>,
     packing: usize,
     weights: Box<dyn MMMInputValue>,
@@ -36,10 +39,20 @@ impl Packed {
         let (mmm, packing, _) = MmmDispatch::native()
             .pick(&query)
             .ok_or_else(|| anyhow::anyhow!("tract-linalg has no i8×i8→i32 kernel for this CPU"))?;
-        let weights = tract_ndarray::Array2::from_shape_vec((k, n), w.to_vec())?.into_tensor();
-        let weights = mmm.packings()[packing].0.prepare_one(&weights, 0, 1)?;
+        // tract's AMX kernel loads 64 bytes of K per row of the activation tile
+        // whatever K is, but packs the activations (PackedI8K4) to K only: with K
+        // not a multiple of 64 it read past the buffer, and a daemon on an AMX
+        // CPU died of SIGSEGV when that buffer ended a mapping (the test fixtures
+        // have K = 48 and 96; ALBETO-tiny has 312). Both sides padded with zeros.
+        let (wf, af) = &mmm.packings()[packing];
+        let k_padded = k.next_multiple_of(wf.k_alignment().max(af.k_alignment()).max(1));
+        let mut padded = w.to_vec();
+        padded.resize(k_padded * n, 0);
+        let weights = tract_ndarray::Array2::from_shape_vec((k_padded, n), padded)?.into_tensor();
+        let weights = wf.prepare_one(&weights, 0, 1)?;
         Ok(Packed {
             n,
+            k_padded,
             mmm,
             packing,
             weights,
@@ -57,7 +70,8 @@ impl Packed {
             .map_or(0, |p| p.packed.len())
     }
 
-    /// `out[r, c] = Σ_k a[r, k] · w[k, c]` as i32, rows `ldc` apart.
+    /// `out[r, c] = Σ_k a[r, k] · w[k, c]` as i32, rows `ldc` apart; `a` is
+    /// `[rows, k_padded]`, zero past K.
     pub fn matmul(&self, a: &Tensor, rows: usize, out: &mut Tensor, ldc: usize) -> TractResult<()> {
         let b_format = &self.mmm.packings()[self.packing].1;
         let activations = b_format.prepare_one(a, 1, 0)?;

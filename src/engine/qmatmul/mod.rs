@@ -240,13 +240,14 @@ impl QWeights {
                 Ok(())
             }),
             Kernel::Linalg(w) => {
-                let mut a = unsafe { Tensor::uninitialized::<i8>(&[rows, k])? };
+                let kp = w.k_padded;
+                let mut a = Tensor::zero::<i8>(&[rows, kp])?;
                 {
                     let mut view = a.try_as_plain_ram_mut()?;
                     let a = view.as_slice_mut::<i8>()?;
-                    for (r, (row, dst)) in x.chunks_exact(k).zip(a.chunks_exact_mut(k)).enumerate()
+                    for (r, (row, dst)) in x.chunks_exact(k).zip(a.chunks_exact_mut(kp)).enumerate()
                     {
-                        quant::quantize(row, param(r), dst);
+                        quant::quantize(row, param(r), &mut dst[..k]);
                     }
                 }
                 // A row stride that is a multiple of 4 KiB makes AMX stores collide in
