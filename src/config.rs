@@ -154,7 +154,13 @@ pub struct Embedded {
     pub listen: std::net::SocketAddr,
     /// Sessions, queued messages and retained messages on disk, so a restart
     /// (or a crash) keeps what was not yet acknowledged; absent: memory only.
+    /// With it, a QoS 1/2 publish is acknowledged only once it is written.
     pub data_dir: Option<PathBuf>,
+    /// With `data_dir`: whether each write is also fsynced before the
+    /// acknowledgement (`always`: survives a power cut) or left to the kernel's
+    /// write-back (`never`: survives any crash of the daemon, not of the system).
+    #[serde(default)]
+    pub sync: SyncWrites,
     /// Clients connected at once.
     #[serde(default = "default_max_clients")]
     pub max_clients: usize,
@@ -167,6 +173,15 @@ pub struct Embedded {
     /// Retained messages kept (the daemon's status is one).
     #[serde(default = "default_max_retained")]
     pub max_retained_messages: usize,
+}
+
+/// `broker.embedded.sync`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncWrites {
+    #[default]
+    Never,
+    Always,
 }
 
 fn default_listen() -> std::net::SocketAddr {
@@ -530,6 +545,11 @@ impl Broker {
                     format!("{} is not a folder", dir.display()),
                 ));
             }
+        } else if embedded.sync == SyncWrites::Always {
+            return Err(bad(
+                "broker.embedded.sync".into(),
+                "\"always\" needs data_dir: without it nothing is written".into(),
+            ));
         }
         Ok(())
     }

@@ -1881,6 +1881,19 @@ impl MessageRouter {
                     .or_default()
                     .update_hash(&publish.topic_name, &publish.payload);
             }
+            // Write-through: the delivery channel lives only in memory, and the publisher
+            // is acknowledged once the stored queue's row is written.
+            if qos != QoS::AtMostOnce
+                && self.storage.as_ref().is_some_and(|s| s.writes_through())
+            {
+                return Some(DeliveryPlan::Behind {
+                    client_id: sub.client_id.clone(),
+                    message,
+                    target_flow: sub.flow_id,
+                    epoch: client_info.queue.epoch(),
+                    queue: Arc::clone(&client_info.queue),
+                });
+            }
             return Some(DeliveryPlan::Online {
                 client_id: sub.client_id.clone(),
                 message,

@@ -9,7 +9,7 @@ use crate::broker::hot_reload::HotReloadManager;
 use crate::broker::resource_monitor::{ResourceLimits, ResourceMonitor};
 use crate::broker::router::MessageRouter;
 use crate::broker::storage::{
-    DynamicStorage, FileBackend, MemoryBackend, QueueLimits, StorageBackend,
+    DynamicStorage, FileBackend, MemoryBackend, QueueLimits, StorageBackend, WriteMode,
 };
 use crate::broker::sys_topics::{BrokerStats, SysTopicsProvider};
 use crate::broker::tls_acceptor::{accept_tls_connection, TlsAcceptorConfig};
@@ -923,11 +923,15 @@ impl MqttBroker {
     ) -> Result<Arc<DynamicStorage>> {
         match storage_config.backend {
             StorageBackendType::File => {
-                let backend = FileBackend::with_queue_limits(
+                let backend = FileBackend::with_options(
                     &storage_config.base_dir,
                     QueueLimits {
                         max_messages: storage_config.max_queued_messages_per_client,
                         max_bytes: storage_config.max_queued_bytes_per_client,
+                    },
+                    WriteMode {
+                        write_through: storage_config.write_through,
+                        sync: storage_config.sync_writes,
                     },
                 )
                 .await?;

@@ -933,6 +933,11 @@ impl ClientHandler {
         while self.qos0_rx.try_recv().is_ok() {}
         while self.qos1_rx.recv().await.is_some() {}
         self.inflight_order.clear();
+        if let Some(queue) = &self.queue {
+            for message in self.held.drain(..) {
+                queue.release_row(message.stored_row);
+            }
+        }
         self.held.clear();
         self.awaiting_pubcomp.clear();
         let unacked: Vec<u16> = self.outbound_inflight.drain().map(|(id, _)| id).collect();

@@ -197,6 +197,7 @@ impl ClientHandler {
                 self.route_with_trace_context(&publish, client_id).await?;
                 #[cfg(not(feature = "opentelemetry"))]
                 self.route_publish(&publish, Some(client_id)).await;
+                self.settle_storage().await;
 
                 let mut puback = PubAckPacket::new(publish.packet_id.unwrap());
                 puback.reason_code = ReasonCode::Success;
@@ -215,6 +216,7 @@ impl ClientHandler {
                         debug!("failed to persist inbound inflight {packet_id}: {e}");
                     }
                 }
+                self.settle_storage().await;
                 self.inflight_publishes
                     .insert(packet_id, InflightPublish::Pending(publish));
                 let mut pubrec = PubRecPacket::new(packet_id);
@@ -223,6 +225,14 @@ impl ClientHandler {
             }
         }
         Ok(())
+    }
+
+    /// With write-through storage, waits until what this publish was routed to is on disk:
+    /// the acknowledgement that follows then promises the publisher that it survives a crash.
+    async fn settle_storage(&self) {
+        if let Some(storage) = &self.storage {
+            storage.settle().await;
+        }
     }
 
     async fn complete_qos_handshake(&mut self, publish: PublishPacket) -> Result<()> {
@@ -716,11 +726,16 @@ impl ClientHandler {
                 self.held.extend(pending);
                 return Ok(());
             }
+            let row = message.stored_row;
             let routable = RoutableMessage {
                 target_flow: message.target_flow,
                 publish: message.to_publish_packet(),
             };
-            if let Err(e) = self.send_routable(routable).await {
+            let sent = self.send_routable(routable).await;
+            // Its in-flight row is enqueued by now (or it was discarded as too large), so
+            // the queue row may go.
+            queue.release_row(row);
+            if let Err(e) = sent {
                 self.held.extend(pending);
                 return Err(e);
             }

@@ -12,6 +12,13 @@ pub struct StorageConfig {
     pub enable_persistence: bool,
     pub max_queued_messages_per_client: usize,
     pub max_queued_bytes_per_client: usize,
+    /// File backend: a QoS 1/2 publish is acknowledged (PUBACK/PUBREC) only once every
+    /// queued or in-flight row it created is written, so a killed broker loses nothing it
+    /// acknowledged. Off: rows are written behind, within `INFLIGHT_SETTLE`.
+    pub write_through: bool,
+    /// With `write_through`: each row and its directory are also fsynced before the
+    /// acknowledgement, for power loss.
+    pub sync_writes: bool,
 }
 
 impl Default for StorageConfig {
@@ -23,6 +30,8 @@ impl Default for StorageConfig {
             enable_persistence: true,
             max_queued_messages_per_client: 10_000,
             max_queued_bytes_per_client: 64 * 1024 * 1024,
+            write_through: false,
+            sync_writes: false,
         }
     }
 }
@@ -66,6 +75,14 @@ impl StorageConfig {
     #[must_use]
     pub fn with_max_queued_bytes_per_client(mut self, max_bytes: usize) -> Self {
         self.max_queued_bytes_per_client = max_bytes;
+        self
+    }
+
+    /// See [`StorageConfig::write_through`] and [`StorageConfig::sync_writes`].
+    #[must_use]
+    pub fn with_write_through(mut self, enabled: bool, sync_writes: bool) -> Self {
+        self.write_through = enabled;
+        self.sync_writes = enabled && sync_writes;
         self
     }
 }

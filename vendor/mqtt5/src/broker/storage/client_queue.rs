@@ -308,6 +308,7 @@ impl ClientQueue {
             taken
         };
         let mut messages = Vec::with_capacity(taken.len());
+        let keep_rows = self.writer.as_ref().is_some_and(|w| w.write_through());
         for entry in taken {
             let message = match entry.body {
                 Some(body) => Some(Arc::unwrap_or_clone(body)),
@@ -316,12 +317,23 @@ impl ClientQueue {
                     None => None,
                 },
             };
-            self.enqueue_delete(entry.seq);
-            if let Some(mut message) = message {
-                message.recompute_expiry();
-                if !message.is_expired() {
-                    messages.push(message);
+            match message {
+                Some(mut message) => {
+                    message.recompute_expiry();
+                    if message.is_expired() {
+                        self.enqueue_delete(entry.seq);
+                    } else {
+                        // Write-through: the row goes once the message has another
+                        // (`release_row`), not now, when it exists only in memory.
+                        if keep_rows {
+                            message.stored_row = Some(entry.seq);
+                        } else {
+                            self.enqueue_delete(entry.seq);
+                        }
+                        messages.push(message);
+                    }
                 }
+                None => self.enqueue_delete(entry.seq),
             }
         }
         // Everything popped turned out to be expired: nothing is being delivered, so this
@@ -330,6 +342,15 @@ impl ClientQueue {
             self.draining.store(false, Ordering::Release);
         }
         messages
+    }
+
+    /// Deletes the row a taken message still had on disk (write-through), once the message
+    /// has another row or is gone for good. Rows are written before deletes are applied, so
+    /// a row enqueued before this call is on disk no later than this one is removed.
+    pub fn release_row(&self, row: Option<u64>) {
+        if let Some(seq) = row {
+            self.enqueue_delete(seq);
+        }
     }
 
     /// Puts messages back at the front, in order, with sequence numbers below the current head.
@@ -351,13 +372,23 @@ impl ClientQueue {
                 count = messages.len(),
                 "Dropped messages re-queued for a session that has since been discarded"
             );
+            for message in &messages {
+                self.release_row(message.stored_row);
+            }
             return;
         }
         self.insert_front(&mut inner, messages);
     }
 
     fn insert_front(&self, inner: &mut QueueInner, messages: Vec<QueuedMessage>) {
-        let bodies: Vec<Arc<QueuedMessage>> = messages.into_iter().map(Arc::new).collect();
+        let mut old_rows = Vec::new();
+        let bodies: Vec<Arc<QueuedMessage>> = messages
+            .into_iter()
+            .map(|mut message| {
+                old_rows.extend(message.stored_row.take());
+                Arc::new(message)
+            })
+            .collect();
         let base = inner
             .entries
             .front()
@@ -397,6 +428,9 @@ impl ClientQueue {
             if !evicted_seqs.contains(&entry.seq) {
                 self.enqueue_write(entry.seq, body);
             }
+        }
+        for seq in old_rows {
+            self.enqueue_delete(seq);
         }
     }
 

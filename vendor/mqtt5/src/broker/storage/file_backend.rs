@@ -53,6 +53,16 @@ static TEMP_FILE_COUNTER: AtomicU64 = AtomicU64::new(0);
 const STORAGE_VERSION: &str = "2";
 const LEGACY_STORAGE_VERSION: &str = "1";
 
+/// When queued and in-flight rows reach the disk, relative to the acknowledgement of the
+/// publish that created them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteMode {
+    /// Acknowledge only after the rows are written ([`FileBackend::settle`]).
+    pub write_through: bool,
+    /// Fsync each written row and its directory before reporting it written.
+    pub sync: bool,
+}
+
 /// File-based storage backend; session writes are group-committed to one log
 pub struct FileBackend {
     directory_lock: Option<std::fs::File>,
@@ -63,6 +73,7 @@ pub struct FileBackend {
     queues: QueueRegistry,
     write_behind: Arc<WriteBehind>,
     queue_flush: mpsc::Sender<oneshot::Sender<()>>,
+    write_through: bool,
 }
 
 impl Drop for FileBackend {
@@ -92,6 +103,17 @@ impl FileBackend {
         base_dir: impl AsRef<Path>,
         limits: QueueLimits,
     ) -> Result<Self> {
+        Self::with_options(base_dir, limits, WriteMode::default()).await
+    }
+
+    /// # Errors
+    ///
+    /// Returns error if directories cannot be created or version mismatch detected
+    pub async fn with_options(
+        base_dir: impl AsRef<Path>,
+        limits: QueueLimits,
+        mode: WriteMode,
+    ) -> Result<Self> {
         let base_dir = base_dir.as_ref().to_path_buf();
         let directory_lock = Self::lock_storage_dir(&base_dir).await?;
         let retained_dir = base_dir.join("retained");
@@ -111,13 +133,16 @@ impl FileBackend {
             Self::write_storage_version(&base_dir).await?;
         }
 
-        let write_behind = Arc::new(WriteBehind::default());
-        let (flush_tx, flush_rx) = mpsc::channel(4);
+        let write_behind = Arc::new(WriteBehind::new(mode.write_through));
+        // Write-through: one flush request per acknowledged publish; a deeper channel lets
+        // every publisher waiting at that moment join the same write (group commit).
+        let (flush_tx, flush_rx) = mpsc::channel(if mode.write_through { 1024 } else { 4 });
         tokio::spawn(Self::run_queue_writer(
             queues_dir.clone(),
             inflight_dir.clone(),
             Arc::clone(&write_behind),
             flush_rx,
+            mode.sync,
         ));
 
         let backend = Self {
@@ -129,6 +154,7 @@ impl FileBackend {
             queues: QueueRegistry::new(limits, Some(Arc::clone(&write_behind))),
             write_behind,
             queue_flush: flush_tx,
+            write_through: mode.write_through,
         };
         backend.scan_queues().await?;
 
@@ -239,29 +265,38 @@ impl FileBackend {
         inflight_dir: PathBuf,
         write_behind: Arc<WriteBehind>,
         mut flushes: mpsc::Receiver<oneshot::Sender<()>>,
+        sync: bool,
     ) {
         let mut settle = tokio::time::interval(INFLIGHT_SETTLE);
         settle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut replies = Vec::new();
         loop {
-            let flush_reply = tokio::select! {
+            tokio::select! {
                 flush = flushes.recv() => match flush {
-                    Some(done) => Some(done),
+                    Some(done) => replies.push(done),
                     None => break,
                 },
-                () = write_behind.filled() => None,
-                _ = settle.tick() => None,
-            };
-            Self::write_out(&queues_dir, &inflight_dir, write_behind.take_batch()).await;
-            if let Some(done) = flush_reply {
+                () = write_behind.filled() => {}
+                _ = settle.tick() => {}
+            }
+            // Group commit: every flush already asked for is answered by this one write.
+            while let Ok(done) = flushes.try_recv() {
+                replies.push(done);
+            }
+            Self::write_out(&queues_dir, &inflight_dir, write_behind.take_batch(), sync).await;
+            for done in replies.drain(..) {
                 if done.send(()).is_err() {
                     debug!("Flush requester stopped waiting");
                 }
             }
         }
-        Self::write_out(&queues_dir, &inflight_dir, write_behind.take_batch()).await;
+        Self::write_out(&queues_dir, &inflight_dir, write_behind.take_batch(), sync).await;
     }
 
-    async fn write_out(queues_dir: &Path, inflight_dir: &Path, batch: WriteBatch) {
+    /// Writes a batch. New rows go to disk before any row is deleted: a message moving from
+    /// a client's queue to its in-flight set (or back) has its new row written before the
+    /// old one goes, so a crash in the middle leaves a duplicate, never nothing.
+    async fn write_out(queues_dir: &Path, inflight_dir: &Path, batch: WriteBatch, sync: bool) {
         for client_id in batch.cleared_inflight {
             match fs::remove_dir_all(inflight_dir.join(&client_id)).await {
                 Ok(()) => {}
@@ -269,45 +304,61 @@ impl FileBackend {
                 Err(e) => warn!(client_id, "Failed to remove inflight directory: {e}"),
             }
         }
+        let mut written_dirs = std::collections::BTreeSet::new();
+        let mut queue_deletes = Vec::new();
         for ((client_id, seq), entry) in batch.queue {
             let path = queues_dir.join(&client_id).join(format!("{seq:020}.json"));
             match entry {
                 Some(body) => {
-                    if let Err(e) = Self::write_atomic(path, &*body, false).await {
+                    if let Err(e) = Self::write_atomic(path, &*body, sync).await {
                         warn!(client_id, seq, "Failed to persist queued message: {e}");
+                    } else if sync {
+                        written_dirs.insert(queues_dir.join(&client_id));
                     }
                 }
-                None => {
-                    Self::remove_if_present(&path, || {
-                        warn!(client_id, seq, "Failed to delete queued message file");
-                    })
-                    .await;
-                }
+                None => queue_deletes.push((client_id, seq, path)),
             }
         }
+        let mut inflight_deletes = Vec::new();
         for (key, entry) in batch.inflight {
             let path = Self::inflight_path(inflight_dir, &key);
             match entry {
                 Some(message) => {
-                    if let Err(e) = Self::write_atomic(path, &*message, false).await {
+                    if let Err(e) = Self::write_atomic(path, &*message, sync).await {
                         warn!(
                             client_id = key.0,
                             packet_id = key.1,
                             "Failed to persist inflight message: {e}"
                         );
+                    } else if sync {
+                        written_dirs.insert(inflight_dir.join(&key.0));
                     }
                 }
-                None => {
-                    Self::remove_if_present(&path, || {
-                        warn!(
-                            client_id = key.0,
-                            packet_id = key.1,
-                            "Failed to delete inflight file"
-                        );
-                    })
-                    .await;
-                }
+                None => inflight_deletes.push((key, path)),
             }
+        }
+        // The renames that put the new rows in place are durable once their directories are.
+        for dir in written_dirs {
+            let synced = tokio::task::spawn_blocking(move || sync_directory(&dir)).await;
+            if let Ok(Err(e)) = synced {
+                warn!("Failed to sync a storage directory: {e}");
+            }
+        }
+        for (client_id, seq, path) in queue_deletes {
+            Self::remove_if_present(&path, || {
+                warn!(client_id, seq, "Failed to delete queued message file");
+            })
+            .await;
+        }
+        for (key, path) in inflight_deletes {
+            Self::remove_if_present(&path, || {
+                warn!(
+                    client_id = key.0,
+                    packet_id = key.1,
+                    "Failed to delete inflight file"
+                );
+            })
+            .await;
         }
     }
 
@@ -403,8 +454,25 @@ impl FileBackend {
     /// Waits until every queued-message write and delete issued so far has reached disk.
     pub async fn flush_queue_writes(&self) {
         let (done_tx, done_rx) = oneshot::channel();
-        if self.queue_flush.send(done_tx).await.is_ok() {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), done_rx).await;
+        if self.queue_flush.send(done_tx).await.is_ok()
+            && tokio::time::timeout(std::time::Duration::from_secs(5), done_rx)
+                .await
+                .is_err()
+        {
+            warn!("Queued-message writes did not reach the disk within 5 s");
+        }
+    }
+
+    #[must_use]
+    pub fn writes_through(&self) -> bool {
+        self.write_through
+    }
+
+    /// With write-through, waits until the rows of everything routed so far are written;
+    /// the caller acknowledges the publish afterwards. Without it, returns at once.
+    pub async fn settle(&self) {
+        if self.write_through {
+            self.flush_queue_writes().await;
         }
     }
 

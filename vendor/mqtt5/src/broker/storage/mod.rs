@@ -18,7 +18,7 @@ pub use client_queue::{
     ClientQueue, PushOutcome, QueueHandle, QueueLimits, QueueRegistry, SEQ_FLOOR,
 };
 #[cfg(not(target_arch = "wasm32"))]
-pub use file_backend::FileBackend;
+pub use file_backend::{FileBackend, WriteMode};
 pub use memory_backend::MemoryBackend;
 pub use queue::MessageQueue;
 pub use retained::RetainedMessages;
@@ -339,6 +339,10 @@ pub struct QueuedMessage {
     pub correlation_data: Option<Vec<u8>>,
     #[serde(default)]
     pub payload_format_indicator: Option<bool>,
+    /// Write-through storage: the queue row this message was taken from, still on disk
+    /// until the message has a row elsewhere ([`ClientQueue::release_row`]).
+    #[serde(skip)]
+    pub(crate) stored_row: Option<u64>,
 }
 
 /// Storage backend trait for broker persistence
@@ -1046,6 +1050,7 @@ impl QueuedMessage {
             response_topic: props.response_topic,
             correlation_data: props.correlation_data,
             payload_format_indicator: props.payload_format_indicator,
+            stored_row: None,
         }
     }
 
@@ -1237,6 +1242,29 @@ pub enum DynamicStorage {
     #[cfg(not(target_arch = "wasm32"))]
     File(FileBackend),
     Memory(MemoryBackend),
+}
+
+impl DynamicStorage {
+    /// Whether publishes are acknowledged only after their rows are written: the router
+    /// then hands every QoS 1/2 delivery to the client's stored queue, never to a channel
+    /// that lives only in memory.
+    #[must_use]
+    pub fn writes_through(&self) -> bool {
+        match self {
+            #[cfg(not(target_arch = "wasm32"))]
+            Self::File(backend) => backend.writes_through(),
+            Self::Memory(_) => false,
+        }
+    }
+
+    /// Waits, with write-through, until what was routed so far is on disk.
+    pub async fn settle(&self) {
+        match self {
+            #[cfg(not(target_arch = "wasm32"))]
+            Self::File(backend) => backend.settle().await,
+            Self::Memory(_) => {}
+        }
+    }
 }
 
 impl StorageBackend for DynamicStorage {

@@ -47,6 +47,7 @@ pub(crate) struct WriteBatch {
 pub(crate) struct WriteBehind {
     pending: parking_lot::Mutex<Pending>,
     full: Notify,
+    write_through: bool,
 }
 
 impl std::fmt::Debug for WriteBehind {
@@ -56,6 +57,19 @@ impl std::fmt::Debug for WriteBehind {
 }
 
 impl WriteBehind {
+    pub(crate) fn new(write_through: bool) -> Self {
+        Self {
+            write_through,
+            ..Self::default()
+        }
+    }
+
+    /// Publishes are acknowledged after their rows are written, so a row taken off a queue
+    /// must stay on disk until its message has a new row (in flight, or re-queued).
+    pub(crate) fn write_through(&self) -> bool {
+        self.write_through
+    }
+
     pub(crate) fn store_queued(&self, client_id: &str, seq: u64, body: Arc<QueuedMessage>) {
         let mut pending = self.pending.lock();
         pending
