@@ -321,73 +321,108 @@ fn mqtt_311_and_5_clients_through_the_embedded_broker() {
     assert!(got5.iter().any(|m| m.topic == "out/cls"), "{got5:?}");
 }
 
-/// The daemon is its own broker here, so a SIGKILL takes the broker down too:
-/// with `data_dir`, the restarted daemon's broker recovers the session and the
-/// messages it had not acknowledged, and answers them.
+/// The daemon is its own broker, so a SIGKILL takes the broker down too. A sensor
+/// publishes 600 QoS 1 messages on a persistent session and resends what was not
+/// acknowledged after each reconnection; the daemon is SIGKILLed twice, at random
+/// answer counts, and restarted on the same `data_dir`. Every message the broker
+/// acknowledged to the sensor is answered, both to a reader that stayed connected
+/// and to one that was away the whole time (its results waited in the broker
+/// through both kills).
 #[test]
-fn killed_daemon_with_data_dir_keeps_unacknowledged_input() {
+fn killed_daemon_loses_nothing_its_broker_acknowledged() {
+    let total: usize = 600;
+    let mut rng = test_seed("killed_daemon_loses_nothing_its_broker_acknowledged");
+    let kills = [pick(&mut rng, 60..240), pick(&mut rng, 300..480)];
     let dir = TempDir::new("embedded-kill");
     let data = dir.0.join("broker");
-    let port = free_port();
-    let config = write_config_embedded(
-        &dir.0,
-        &format!("127.0.0.1:{port}"),
-        "embedded-kill",
-        Some(&data),
-    );
+    let config = write_config_embedded(&dir.0, "127.0.0.1:0", "embedded-kill", Some(&data));
     let mut daemon = Daemon::start(&config);
-    embedded_port(&daemon);
-    let device = Device::connect_persistent(port, "kill-device");
-    wait_online(&device);
-    let total = 300;
-    // A paragraph per message, so that the stream lasts seconds rather than the
-    // fraction of one that 300 short sentences take: the kill below must land in
-    // its middle, whatever the machine's speed (checked after the kill).
-    let paragraph = "El Gobierno de Chile y la Organización de las Naciones Unidas firmaron \
-        ayer en Santiago un acuerdo para proteger los humedales del sur del país, según \
-        informó la Agencia EFE. La ministra de Medio Ambiente, María Heloísa Rojas, \
-        viajará a Ginebra en marzo para presentar el plan ante el Consejo de Derechos \
-        Humanos, y la Universidad de Concepción coordinará las mediciones en Valdivia.";
-    for i in 0..total {
-        device.publish(
-            "in/ner/k",
-            format!(r#"{{"id": {i}, "text": "Mensaje {i} desde Valparaíso. {paragraph}"}}"#),
-        );
-    }
-    let first = device.collect(Duration::from_secs(60), |g| {
-        g.iter().filter(|(t, _)| t.starts_with("out/")).count() >= 40
-    });
-    // mqtt5 writes accepted messages to data_dir behind, within 250 ms (its
-    // INFLIGHT_SETTLE): the inputs have been there for longer than that once 40
-    // answers are out and this wait is over; what a crash inside that window
-    // loses is in the README.
-    std::thread::sleep(Duration::from_millis(500));
-    daemon.kill();
-    // Everything the device got from the first daemon, including what arrived
-    // during the wait: only then does "mid-stream" mean something.
-    let before = device.collect(Duration::from_secs(1), |_| false);
-    let mut answered: HashMap<i64, usize> = HashMap::new();
-    count_answers(&mut answered, &first);
-    count_answers(&mut answered, &before);
-    let answered_before_kill = answered.len();
-    assert!(
-        answered_before_kill < total,
-        "the kill landed after the stream's end ({answered_before_kill} of {total} answered): \
-         nothing was left for the restarted daemon"
-    );
+    let port = embedded_port(&daemon);
+    pin_embedded_port(&config, port);
+    subscribe_and_leave(port, "kill-away", &["out/#"]);
+    let reader = Device::connect_persistent(port, "kill-reader");
+    wait_online(&reader);
+    let sensor = std::sync::Arc::new(AckedPublisher::connect(port, "kill-sensor"));
+    let publishing = {
+        let sensor = sensor.clone();
+        std::thread::spawn(move || {
+            for i in 0..total {
+                let text = format!("Mensaje {i}: el Real Madrid ganó en Sevilla ante el Betis.");
+                sensor.publish("in/ner/k", i as i64, &text);
+            }
+        })
+    };
 
-    let mut daemon = Daemon::start(&config);
-    // Its broker is up (and its signal handlers with it) before anything is counted.
-    embedded_port(&daemon);
-    let (lost, duplicates) =
-        collect_the_rest(&device, &mut answered, total, Duration::from_secs(120));
+    // Distinct ids answered so far, with what `g` adds.
+    let with = |seen: &HashSet<i64>, g: &[(String, serde_json::Value)]| {
+        seen.len() + answered_ids(g).difference(seen).count()
+    };
+    let mut seen = HashSet::new();
+    let mut kill_points = Vec::new();
+    for kill_at in kills {
+        let more = reader.collect(Duration::from_secs(120), |g| with(&seen, g) >= kill_at);
+        seen.extend(answered_ids(&more));
+        let answered = seen.len();
+        assert!(
+            answered >= kill_at,
+            "stalled at {answered} answers: {}",
+            daemon.log()
+        );
+        daemon.kill();
+        kill_points.push((answered, sensor.acked().len()));
+        daemon = Daemon::start(&config);
+        embedded_port(&daemon);
+    }
+    publishing.join().unwrap();
+    // The sensor's last PUBACKs may still be on their way: wait until it has one for
+    // every message, or until nothing has changed for a while.
+    let mut acked = sensor.acked();
+    let mut last_change = std::time::Instant::now();
+    while acked.len() < total && last_change.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = sensor.acked();
+        if now.len() != acked.len() {
+            last_change = std::time::Instant::now();
+        }
+        acked = now;
+    }
+    let more = reader.collect(Duration::from_secs(120), |g| {
+        let now = answered_ids(g);
+        acked.iter().all(|id| seen.contains(id) || now.contains(id))
+    });
+    seen.extend(answered_ids(&more));
+    let mut lost: Vec<_> = acked.iter().filter(|id| !seen.contains(id)).collect();
+    lost.sort();
     println!(
-        "embedded broker, SIGKILL + restart on data_dir: sent {total}, answered {answered_before_kill} \
-         before the kill and {} in all, duplicates {duplicates}, lost {}",
-        answered.len(),
+        "embedded broker, 2 SIGKILLs at (answers, acked) {kill_points:?}: acked {} of {total}, \
+         answered {}, lost {}",
+        acked.len(),
+        seen.len(),
         lost.len()
     );
-    assert!(lost.is_empty(), "lost {lost:?}\n{}", daemon.log());
+    assert!(
+        lost.is_empty(),
+        "acknowledged, never answered: {lost:?}\n{}",
+        daemon.log()
+    );
+    assert_eq!(
+        acked.len(),
+        total,
+        "the sensor got a PUBACK for every message in the end"
+    );
+
+    let away = Device::connect_persistent(port, "kill-away");
+    let held = away.collect(Duration::from_secs(60), |g| {
+        let seen = answered_ids(g);
+        acked.iter().all(|id| seen.contains(id))
+    });
+    let seen = answered_ids(&held);
+    let mut lost: Vec<_> = acked.iter().filter(|id| !seen.contains(id)).collect();
+    lost.sort();
+    assert!(
+        lost.is_empty(),
+        "results never delivered to the reader that was away: {lost:?}"
+    );
     let status = daemon.terminate();
     assert!(status.success(), "{status:?}");
 }

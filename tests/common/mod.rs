@@ -103,6 +103,14 @@ impl Drop for TempDir {
     }
 }
 
+/// The anotador the daemon tests start: this build's, or `ANOTADOR_TEST_BIN` (another
+/// build, such as an earlier commit's, to show what a change fixed).
+pub fn anotador_bin() -> PathBuf {
+    std::env::var_os("ANOTADOR_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_anotador")))
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -292,7 +300,7 @@ impl Daemon {
                 .unwrap()
                 .as_nanos()
         ));
-        let child = Command::new(env!("CARGO_BIN_EXE_anotador"))
+        let child = Command::new(anotador_bin())
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
@@ -655,7 +663,7 @@ pub fn embedded_port(daemon: &Daemon) -> u16 {
 
 /// `anotador ask ARGS…` against the broker on `port`, with `input` on stdin.
 pub fn ask(port: u16, args: &[&str], input: &str) -> std::process::Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_anotador"))
+    let mut child = Command::new(anotador_bin())
         .args(["ask", "--port", &port.to_string()])
         .args(args)
         .stdin(Stdio::piped())
@@ -777,4 +785,159 @@ impl V5Device {
         }
         got
     }
+}
+
+/// A sensor as a real one behaves: QoS 1 publishes with a bounded in-flight window on
+/// a persistent session, resent by rumqttc after every reconnection, and a record of
+/// which of them the broker acknowledged (PUBACK): what a test of "nothing
+/// acknowledged is lost" must count, rather than what it merely sent.
+pub struct AckedPublisher {
+    client: Client,
+    order: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<i64>>>,
+    acked: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<i64>>>,
+}
+
+impl AckedPublisher {
+    pub fn connect(port: u16, id: &str) -> AckedPublisher {
+        use std::collections::{HashMap, HashSet, VecDeque};
+        use std::sync::{Arc, Mutex};
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_clean_session(false);
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_inflight(100);
+        let (client, mut connection) = Client::new(opts, 10);
+        let order = Arc::new(Mutex::new(VecDeque::new()));
+        let acked = Arc::new(Mutex::new(HashSet::new()));
+        let (o, a) = (order.clone(), acked.clone());
+        std::thread::spawn(move || {
+            // Packet id -> message id, for publishes sent and not yet acknowledged.
+            // rumqttc resends those with their packet ids after a reconnection.
+            let mut outstanding: HashMap<u16, i64> = HashMap::new();
+            for event in connection.iter() {
+                match event {
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                        // A first send takes the next id: requests leave in the
+                        // order they were made. A resend keeps its packet id.
+                        outstanding.entry(pkid).or_insert_with(|| {
+                            o.lock().unwrap().pop_front().expect("a publish to map")
+                        });
+                    }
+                    Ok(Event::Incoming(Incoming::PubAck(ack))) => {
+                        if let Some(id) = outstanding.remove(&ack.pkid) {
+                            a.lock().unwrap().insert(id);
+                        }
+                    }
+                    // A broker that lost the session: rumqttc drops what it had not
+                    // resent, and none of it was acknowledged.
+                    Ok(Event::Incoming(Incoming::ConnAck(c))) if !c.session_present => {
+                        outstanding.clear();
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+        AckedPublisher {
+            client,
+            order,
+            acked,
+        }
+    }
+
+    /// Publishes `{"id": id, "text": text}` at QoS 1; blocks while rumqttc's request
+    /// queue is full (the broker down), as a device's publish call would.
+    pub fn publish(&self, topic: &str, id: i64, text: &str) {
+        self.order.lock().unwrap().push_back(id);
+        let payload = serde_json::json!({"id": id, "text": text}).to_string();
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .unwrap();
+    }
+
+    /// The ids the broker has acknowledged so far.
+    pub fn acked(&self) -> std::collections::HashSet<i64> {
+        self.acked.lock().unwrap().clone()
+    }
+}
+
+/// A seed for a test's random choices: `ANOTADOR_TEST_SEED` to replay one, else the
+/// clock; printed so that a failure names the seed that reproduces it.
+pub fn test_seed(test: &str) -> u64 {
+    let seed = std::env::var("ANOTADOR_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("{test}: ANOTADOR_TEST_SEED={seed}");
+    seed
+}
+
+/// A number in `range` from `state` (xorshift64*), for kill points and the like.
+pub fn pick(state: &mut u64, range: std::ops::Range<usize>) -> usize {
+    if *state == 0 {
+        *state = 0x9e37_79b9_7f4a_7c15;
+    }
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    let x = state.wrapping_mul(0x2545_f491_4f6c_dd1d);
+    range.start + (x % (range.end - range.start) as u64) as usize
+}
+
+/// Connects a persistent session `id`, subscribes it to `filters` at QoS 1 and leaves
+/// (DISCONNECT): a consumer that is away, whose messages the broker must keep.
+pub fn subscribe_and_leave(port: u16, id: &str, filters: &[&str]) {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_clean_session(false);
+    let (client, mut connection) = Client::new(opts, 10);
+    for f in filters {
+        client.subscribe(*f, QoS::AtLeastOnce).unwrap();
+    }
+    let mut subacks = 0;
+    for event in connection.iter() {
+        match event {
+            Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                subacks += 1;
+                if subacks == filters.len() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => panic!("{id}: {e}"),
+        }
+    }
+    client.disconnect().unwrap();
+    for event in connection.iter() {
+        if matches!(
+            event,
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)
+        ) {
+            break;
+        }
+    }
+}
+
+/// Rewrites the embedded broker's `listen = "127.0.0.1:0"` in `config` to the port a
+/// first start bound, so that restarts listen where clients reconnect (a port picked
+/// free beforehand could be taken by someone else before the daemon binds it).
+pub fn pin_embedded_port(config: &Path, port: u16) {
+    let text = std::fs::read_to_string(config).unwrap();
+    assert!(text.contains("listen = \"127.0.0.1:0\""), "{text}");
+    let text = text.replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    std::fs::write(config, text).unwrap();
+}
+
+/// Distinct input ids answered on `out/…`, from what a device received.
+pub fn answered_ids(got: &[(String, Value)]) -> std::collections::HashSet<i64> {
+    got.iter()
+        .filter(|(t, _)| t.starts_with("out/"))
+        .filter_map(|(_, v)| v["id"].as_i64())
+        .collect()
 }
