@@ -238,14 +238,27 @@ fn embedded_broker_shares_retains_and_sends_wills() {
 
 /// MQTT 3.1.1 and 5 clients on the one port of a daemon's embedded broker: a
 /// 3.1.1 `mosquitto_pub` and rumqttc device, a v5 `mosquitto_pub` request with a
-/// response topic and a rumqttc v5 device.
+/// response topic and a rumqttc v5 device; the broker on `data_dir` with
+/// `sync = "always"`, so every acknowledgement here waited for an fsync.
 #[test]
 fn mqtt_311_and_5_clients_through_the_embedded_broker() {
     let dir = TempDir::new("v3v5");
-    let config = write_config_embedded(&dir.0, "127.0.0.1:0", "v3v5", None);
+    let config = write_config_embedded(&dir.0, "127.0.0.1:0", "v3v5", Some(&dir.0.join("data")));
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).unwrap() + "sync = \"always\"\n",
+    )
+    .unwrap();
     allow_responses(&config, "reply/#");
     let daemon = Daemon::start(&config);
     let port = embedded_port(&daemon);
+    assert!(
+        daemon
+            .log()
+            .contains("before they are acknowledged, fsynced"),
+        "{}",
+        daemon.log()
+    );
     let v3 = Device::connect(port, "v3-device");
     wait_online(&v3);
     let v5 = V5Device::connect(port, "v5-device");
@@ -460,6 +473,8 @@ fn embedded_broker_and_responses_config_errors_name_the_key() {
     }
     let (ok, out) = run(&format!("{base}\n[broker.tls]\nca_file = \"ca.pem\"\n"));
     assert!(!ok && out.contains("broker.tls"), "{out}");
+    let (ok, out) = run(&format!("{base}sync = \"always\"\n"));
+    assert!(!ok && out.contains("broker.embedded.sync"), "{out}");
     let (ok, out) = run(&base.replace("listen = \"127.0.0.1:0\"", "listen = \"localhost\""));
     assert!(!ok && out.contains("listen"), "{out}");
     let (ok, out) = run(&format!("{base}max_queued_bytes = 1000\n"));
