@@ -118,7 +118,12 @@ fn run(port: u16, total: usize, round: usize) -> (f64, f64) {
     let publisher = std::thread::spawn(move || {
         for i in 0..total {
             sensor
-                .publish(format!("bench/{}", i % 8), QoS::AtLeastOnce, false, payload.clone())
+                .publish(
+                    format!("bench/{}", i % 8),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload.clone(),
+                )
                 .unwrap();
         }
         sensor
@@ -201,7 +206,10 @@ fn cpu_line() -> String {
         .and_then(|l| l.split(':').nth(1))
         .map(str::trim)
         .unwrap_or("unknown");
-    format!("{model}, {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()))
+    format!(
+        "{model}, {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    )
 }
 
 /// The device and type of the filesystem holding `path`, from /proc/mounts.
@@ -211,7 +219,8 @@ fn filesystem_of(path: &std::path::Path) -> Option<String> {
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 2 && path.starts_with(f[1])).then(|| (f[1].len(), format!("{} {} on {}", f[0], f[2], f[1])))
+            (f.len() > 2 && path.starts_with(f[1]))
+                .then(|| (f[1].len(), format!("{} {} on {}", f[0], f[2], f[1])))
         })
         .max_by_key(|(len, _)| *len)
         .map(|(_, s)| s)

@@ -451,7 +451,6 @@ fn daemon_throughput(
         ),
     );
     let device = Device::connect(broker.port, "bench-device");
-    std::thread::sleep(Duration::from_millis(300));
     let daemon = Daemon::start(&config);
     let pid = daemon.0.id();
     wait_online(&device);

@@ -49,7 +49,6 @@ fn main() {
     let dir = TempDir::new("flood");
     let config = bench_config(&dir, broker.port, &model, "workers = 1");
     let device = Device::connect(broker.port, "flood-device");
-    std::thread::sleep(Duration::from_millis(300));
     let daemon = Daemon::start(&config);
     let pid = daemon.0.id();
     wait_online(&device);

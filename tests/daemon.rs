@@ -20,7 +20,6 @@ fn every_input_gets_exactly_one_result_or_error() {
     let dir = TempDir::new("daemon");
     let config = write_config(&dir.0, broker.port, "anotador-t1", "");
     let device = Device::connect(broker.port, "device-1");
-    std::thread::sleep(Duration::from_millis(300));
     let daemon = Daemon::start(&config);
     wait_online(&device);
 
@@ -199,7 +198,6 @@ fn killed_daemon_loses_nothing_and_sigterm_says_offline() {
     let dir = TempDir::new("restart");
     let config = write_config(&dir.0, broker.port, "anotador-t2", "");
     let device = Device::connect(broker.port, "device-2");
-    std::thread::sleep(Duration::from_millis(300));
 
     // First run: creates the persistent session, then dies mid-stream.
     let mut daemon = Daemon::start(&config);
@@ -437,7 +435,6 @@ fn oversize_payloads_get_payload_too_large_with_the_default_limits() {
     let config = dir.0.join("oversize.toml");
     std::fs::write(&config, base.replace("max_payload_bytes = 2048\n", "")).unwrap();
     let device = Device::connect(broker.port, "oversize-device");
-    std::thread::sleep(Duration::from_millis(300));
     let _daemon = Daemon::start(&config);
     wait_online(&device);
     let payload = |name: &str, size: usize| {
@@ -475,7 +472,6 @@ fn every_envelope_names_the_model_the_same_way() {
     let dir = TempDir::new("names");
     let config = write_config(&dir.0, broker.port, "names", "");
     let device = Device::connect(broker.port, "names-device");
-    std::thread::sleep(Duration::from_millis(300));
     let _daemon = Daemon::start(&config);
     wait_online(&device);
     let long = "El Banco de España publicó ayer en Madrid su informe anual. ".repeat(20);
@@ -529,7 +525,6 @@ fn redaction_set_in_the_config_is_published() {
         "redact = [\"PER\", \"LOC\"]\nredact_style = \"pseudonym\"\naggregation = \"first\"",
     );
     let device = Device::connect(broker.port, "device-redact");
-    std::thread::sleep(Duration::from_millis(300));
     let _daemon = Daemon::start(&config);
     wait_online(&device);
     let text = "Gabriel García Márquez nació en Aracataca y García Márquez murió en México.";

@@ -83,11 +83,13 @@ impl Peer {
             .flatten()
     }
 
-    /// Messages until `n` came or nothing more came within `quiet`.
-    async fn messages(&mut self, n: usize, quiet: Duration) -> Vec<Publish> {
+    /// Messages until `n` came or nothing more came within `quiet` after the
+    /// first, which may take up to `first` (a loaded machine routes late).
+    async fn messages(&mut self, n: usize, first: Duration, quiet: Duration) -> Vec<Publish> {
         let mut got = Vec::new();
         while got.len() < n {
-            match self.next(quiet).await {
+            let wait = if got.is_empty() { first } else { quiet };
+            match self.next(wait).await {
                 Some(Seen::Message(p)) => got.push(p),
                 Some(Seen::Failed(e)) => panic!("connection failed: {e}"),
                 Some(Seen::SubAck) => {}
@@ -137,7 +139,9 @@ fn embedded_broker_honours_receive_maximum_and_acks_in_any_order() {
         let mut rounds = 0;
         while seen.len() < total {
             // Never more than 4 unacknowledged, however long we wait.
-            let batch = worker.messages(5, Duration::from_millis(700)).await;
+            let batch = worker
+                .messages(5, Duration::from_secs(10), Duration::from_millis(700))
+                .await;
             assert!(!batch.is_empty(), "stalled after {} of {total}", seen.len());
             assert!(
                 batch.len() <= 4,
@@ -191,8 +195,33 @@ fn embedded_broker_shares_retains_and_sends_wills() {
                 .await
                 .unwrap();
         }
-        let got_a = a.messages(total, Duration::from_millis(700)).await;
-        let got_b = b.messages(total, Duration::from_millis(700)).await;
+        // Both members' deliveries until all arrived (or 30 s passed), then a
+        // quiet spell for duplicates.
+        let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while got_a.len() + got_b.len() < total && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                Some(Seen::Message(p)) = a.seen.recv() => got_a.push(p),
+                Some(Seen::Message(p)) = b.seen.recv() => got_b.push(p),
+                () = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+        got_a.extend(
+            a.messages(
+                total,
+                Duration::from_millis(300),
+                Duration::from_millis(300),
+            )
+            .await,
+        );
+        got_b.extend(
+            b.messages(
+                total,
+                Duration::from_millis(300),
+                Duration::from_millis(300),
+            )
+            .await,
+        );
         let mut all: Vec<String> = got_a.iter().chain(&got_b).map(text).collect();
         all.sort();
         let unique: HashSet<&String> = all.iter().collect();
@@ -206,11 +235,15 @@ fn embedded_broker_shares_retains_and_sends_wills() {
             .publish("ret/status", QoS::AtLeastOnce, true, "online")
             .await
             .unwrap();
-        let live = watcher.messages(1, Duration::from_secs(5)).await;
+        let live = watcher
+            .messages(1, Duration::from_secs(30), Duration::ZERO)
+            .await;
         assert_eq!(live.iter().map(text).collect::<Vec<_>>(), ["online"]);
         let mut late = Peer::connect(port, "late", |_| {}).await;
         late.subscribe("ret/#").await;
-        let retained = late.messages(1, Duration::from_secs(5)).await;
+        let retained = late
+            .messages(1, Duration::from_secs(30), Duration::ZERO)
+            .await;
         assert_eq!(retained.len(), 1);
         assert!(retained[0].retain && text(&retained[0]) == "online");
 
@@ -230,7 +263,9 @@ fn embedded_broker_shares_retains_and_sends_wills() {
         dying.subscribe("nothing/#").await;
         dying.task.abort();
         drop(dying);
-        let will = watcher.messages(1, Duration::from_secs(10)).await;
+        let will = watcher
+            .messages(1, Duration::from_secs(30), Duration::ZERO)
+            .await;
         assert_eq!(will.iter().map(text).collect::<Vec<_>>(), ["gone"]);
         broker.stop(Duration::from_secs(2)).await;
     });

@@ -28,7 +28,6 @@ fn sigterm_with_the_broker_down_exits_within_the_bound() {
     let config = dir.0.join("down.toml");
     std::fs::write(&config, text).unwrap();
     let device = Device::connect(broker.port, "down-device");
-    std::thread::sleep(Duration::from_millis(300));
     let mut daemon = Daemon::start(&config);
     wait_online(&device);
     broker.stop();
@@ -72,7 +71,6 @@ fn sigterm_during_a_session_resume_ends_with_retained_offline() {
     let config = dir.0.join("resume.toml");
     std::fs::write(&config, base.replace("queue = 8", "queue = 32")).unwrap();
     let device = Device::connect(broker.port, "resume-device");
-    std::thread::sleep(Duration::from_millis(300));
     let mut daemon = Daemon::start(&config);
     wait_online(&device);
     for i in 0..3000 {
@@ -144,13 +142,20 @@ fn reload_mid_stream_swaps_a_model_and_loses_nothing() {
     let dir = TempDir::new("reload");
     let config = write_config(&dir.0, broker.port, "reload", "");
     let device = Device::connect(broker.port, "reload-device");
-    std::thread::sleep(Duration::from_millis(300));
     let daemon = Daemon::start(&config);
     wait_online(&device);
     let total = 600;
     let client = device.client.clone();
+    // The second half of the stream waits until the reload is applied, so that both
+    // models answer part of it however fast or loaded the machine is.
+    let (reloaded, reload_applied) = std::sync::mpsc::channel::<()>();
     let publisher = std::thread::spawn(move || {
         for i in 0..total {
+            if i == total / 2 {
+                reload_applied
+                    .recv_timeout(Duration::from_secs(60))
+                    .expect("the reload applied");
+            }
             let text =
                 format!(r#"{{"id": {i}, "text": "Mensaje {i}: la ONU se reunió en Lima."}}"#);
             client
@@ -159,16 +164,29 @@ fn reload_mid_stream_swaps_a_model_and_loses_nothing() {
             std::thread::sleep(Duration::from_millis(3));
         }
     });
-    std::thread::sleep(Duration::from_millis(400));
+    // Mid-stream: once the first answers are out.
+    let mut got = device.collect(Duration::from_secs(60), |g| outcomes(g).len() >= 50);
     let text = std::fs::read_to_string(&config).unwrap();
     let swapped = text.replace(&fixture("bert-token"), &fixture("distilbert-token"));
     assert_ne!(text, swapped);
     std::fs::write(&config, swapped).unwrap();
     daemon.signal("-HUP");
-    let got = device.collect(Duration::from_secs(60), |g| outcomes(g).len() >= total);
+    // Everything received meanwhile is kept for the count below.
+    got.extend(device.collect(Duration::from_secs(60), |g| {
+        g.iter().any(|(t, v)| {
+            t == "anotador/t/status" && v["models"]["ner"]["bundle"] == "distilbert-token"
+        })
+    }));
+    reloaded.send(()).unwrap();
+    let answered = |g: &[(String, serde_json::Value)]| {
+        let mut ids = outcomes(&got);
+        ids.extend(outcomes(g));
+        ids.len()
+    };
+    let rest = device.collect(Duration::from_secs(60), |g| answered(g) >= total);
+    got.extend(rest);
     publisher.join().unwrap();
     // Late duplicates, if any, are counted too.
-    let mut got = got;
     got.extend(device.collect(Duration::from_millis(500), |_| false));
     let by_id = outcomes(&got);
     let mut models: HashMap<String, usize> = HashMap::new();
@@ -210,7 +228,6 @@ fn a_broken_config_on_reload_changes_nothing() {
     let config = write_config(&dir.0, broker.port, "badreload", "");
     let good = std::fs::read_to_string(&config).unwrap();
     let device = Device::connect(broker.port, "badreload-device");
-    std::thread::sleep(Duration::from_millis(300));
     let daemon = Daemon::start(&config);
     wait_online(&device);
     let broken = [
@@ -272,10 +289,23 @@ fn a_broken_config_on_reload_changes_nothing() {
     assert_eq!(log.matches("connected to").count(), 1, "{log}");
 }
 
-/// RSS of the daemon once idle (after the workers' idle trim).
+/// RSS of the daemon once idle: past the workers' idle trim (2 s without a job),
+/// then sampled until it has not changed for a second (a loaded machine may run
+/// the trim late).
 fn idle_rss(pid: u32) -> u64 {
     std::thread::sleep(Duration::from_millis(2500));
-    rss_of(pid).unwrap().0
+    let mut last = rss_of(pid).unwrap().0;
+    let mut steady = std::time::Instant::now();
+    let give_up = std::time::Instant::now() + Duration::from_secs(15);
+    while steady.elapsed() < Duration::from_secs(1) && std::time::Instant::now() < give_up {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = rss_of(pid).unwrap().0;
+        if now != last {
+            last = now;
+            steady = std::time::Instant::now();
+        }
+    }
+    last
 }
 
 fn answer(device: &Device, count: usize) {
@@ -303,7 +333,6 @@ fn reload_frees_the_replaced_model() {
     let dir = TempDir::new("reloadrss");
     let config = bench_config(&dir, broker.port, &big.display().to_string(), "");
     let device = Device::connect(broker.port, "rss-device");
-    std::thread::sleep(Duration::from_millis(300));
     let daemon = Daemon::start(&config);
     wait_online(&device);
     let pid = daemon.0.id();

@@ -123,17 +123,17 @@ fn answers_one_message(device: &Device) -> bool {
 fn mutual_tls_works_and_plaintext_is_never_used() {
     let pki = TempDir::new("pki");
     make_pki(&pki.0);
-    let tls_port = free_port();
     let p = |f: &str| pki.0.join(f).display().to_string();
     // Plain listener for the test device, TLS listener (client certificate required) for the daemon.
-    let broker = start_broker_with(&format!(
-        "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
-        p("ca.pem"),
-        p("server.pem"),
-        p("server.key")
-    ));
+    let (broker, tls_port) = start_broker_with_listener(|tls_port| {
+        format!(
+            "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+            p("ca.pem"),
+            p("server.pem"),
+            p("server.key")
+        )
+    });
     let device = Device::connect(broker.port, "tls-device");
-    std::thread::sleep(Duration::from_millis(300));
 
     let tls = format!(
         "[broker.tls]\nca_file = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"",
@@ -187,7 +187,6 @@ fn password_from_file_and_wrong_credentials_back_off() {
     );
     let device =
         Device::connect_with_credentials(broker.port, "auth-device", "anotador", "s3cret-pw");
-    std::thread::sleep(Duration::from_millis(300));
     let daemon = Daemon::start(&config(&dir.0, broker.port, "auth-daemon", &good));
     wait_online(&device);
     assert!(answers_one_message(&device), "{}", daemon.log());
@@ -200,7 +199,11 @@ fn password_from_file_and_wrong_credentials_back_off() {
         dir.0.join("bad").display()
     );
     let mut daemon = Daemon::start(&config(&dir.0, broker.port, "auth-bad", &bad));
-    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        daemon.wait_log("retrying in", 1, Duration::from_secs(30)),
+        "no retry after a refused login:\n{}",
+        daemon.log()
+    );
     assert!(
         daemon.0.try_wait().unwrap().is_none(),
         "wrong credentials must not kill the daemon"

@@ -21,6 +21,16 @@ pub struct Broker {
 
 impl Broker {
     fn spawn(&mut self) {
+        assert!(
+            self.try_spawn(&[]),
+            "mosquitto did not start on port {}",
+            self.port
+        );
+    }
+
+    /// Starts Mosquitto and waits until it accepts on its port and on `also`; false
+    /// if it exited first (a port taken meanwhile by someone else) or never did.
+    fn try_spawn(&mut self, also: &[u16]) -> bool {
         let child = Command::new(mosquitto_binary())
             .arg("-c")
             .arg(&self.conf)
@@ -29,11 +39,20 @@ impl Broker {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not start");
-            std::thread::sleep(Duration::from_millis(50));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let accepting = |port: u16| TcpStream::connect(("127.0.0.1", port)).is_ok();
+        while !(accepting(self.port) && also.iter().all(|p| accepting(*p))) {
+            let exited = self.child.as_mut().unwrap().try_wait().unwrap().is_some();
+            if exited || Instant::now() > deadline {
+                if let Some(mut child) = self.child.take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 
     /// Graceful stop (SIGTERM): with persistence on, the broker saves its sessions
@@ -130,30 +149,52 @@ pub fn mosquitto_binary() -> PathBuf {
 
 /// `extra` is appended to the broker configuration (later settings win).
 pub fn start_broker_with(extra: &str) -> Broker {
+    start_broker_with_listener(|_| extra.to_string()).0
+}
+
+/// A broker whose extra configuration `extra(port)` has a second listener of its
+/// own on `port`. Ports are picked free and then bound by Mosquitto, so another
+/// process can take one in between: then it starts again on new ones.
+pub fn start_broker_with_listener(extra: impl Fn(u16) -> String) -> (Broker, u16) {
     let dir = TempDir::new("broker");
-    let port = free_port();
     let conf = dir.0.join("mosquitto.conf");
-    let extra = match std::env::var("ANOTADOR_TEST_BROKER_LOG") {
-        Ok(path) => format!("{extra}\nlog_type all\nlog_dest file {path}\n"),
-        Err(_) => extra.to_string(),
+    let log = match std::env::var("ANOTADOR_TEST_BROKER_LOG") {
+        Ok(path) => format!("log_type all\nlog_dest file {path}\n"),
+        Err(_) => String::new(),
     };
-    // `user root`: a broker started as root otherwise drops to the mosquitto user,
-    // which cannot write the test's persistence folder.
-    std::fs::write(
-        &conf,
-        format!(
-            "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10000\n{extra}\n"
-        ),
-    )
-    .unwrap();
     let mut broker = Broker {
         child: None,
-        port,
+        port: 0,
         conf,
         dir,
     };
-    broker.spawn();
-    broker
+    for _ in 0..10 {
+        broker.port = free_port();
+        let second = free_port();
+        let extra = extra(second);
+        // `user root`: a broker started as root otherwise drops to the mosquitto
+        // user, which cannot write the test's persistence folder.
+        std::fs::write(
+            &broker.conf,
+            format!(
+                "user root\nlistener {} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10000\n{extra}\n{log}",
+                broker.port
+            ),
+        )
+        .unwrap();
+        let also: &[u16] = if extra.contains(&format!("listener {second} ")) {
+            &[second]
+        } else {
+            &[]
+        };
+        if broker.try_spawn(also) {
+            return (broker, second);
+        }
+    }
+    panic!(
+        "mosquitto did not start in 10 tries: {}",
+        broker.conf.display()
+    );
 }
 
 /// A TCP relay in front of the broker whose path can be cut (every connection
@@ -471,13 +512,22 @@ impl Device {
         opts.set_max_packet_size(8 << 20, 8 << 20);
         let (client, mut connection) = Client::new(opts, 20_000);
         let (tx, rx) = channel();
+        let (ready_tx, ready) = channel();
         let sub = client.clone();
+        const FILTERS: [&str; 3] = ["out/#", "err/#", "anotador/#"];
         std::thread::spawn(move || {
+            let mut subacks = 0;
             for event in connection.iter() {
                 match event {
                     Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                        for t in ["out/#", "err/#", "anotador/#"] {
+                        for t in FILTERS {
                             let _ = sub.subscribe(t, QoS::AtLeastOnce);
+                        }
+                    }
+                    Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        subacks += 1;
+                        if subacks == FILTERS.len() {
+                            let _ = ready_tx.send(());
                         }
                     }
                     Ok(Event::Incoming(Incoming::Publish(p))) => {
@@ -493,6 +543,11 @@ impl Device {
                 }
             }
         });
+        // Subscribed before anything is published or awaited: no message can pass
+        // unseen, whatever the machine's load (a fixed sleep here once could).
+        ready
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the device's subscriptions acknowledged within 30 s");
         Device { client, rx }
     }
 
