@@ -449,6 +449,10 @@ fn killed_daemon_loses_nothing_its_broker_acknowledged() {
         lost.len()
     );
     assert!(
+        !sensor.lost_session(),
+        "the broker lost the sensor's session"
+    );
+    assert!(
         lost.is_empty(),
         "acknowledged, never answered: {lost:?}\n{}",
         daemon.log()

@@ -850,6 +850,7 @@ pub struct AckedPublisher {
     client: Client,
     order: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<i64>>>,
     acked: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<i64>>>,
+    lost_session: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AckedPublisher {
@@ -863,7 +864,10 @@ impl AckedPublisher {
         let (client, mut connection) = Client::new(opts, 10);
         let order = Arc::new(Mutex::new(VecDeque::new()));
         let acked = Arc::new(Mutex::new(HashSet::new()));
-        let (o, a) = (order.clone(), acked.clone());
+        let lost_session = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (o, a, l) = (order.clone(), acked.clone(), lost_session.clone());
+        let (connected_tx, connected_rx) = channel();
+        let mut connected = Some(connected_tx);
         std::thread::spawn(move || {
             // Packet id -> message id, for publishes sent and not yet acknowledged.
             // rumqttc resends those with their packet ids after a reconnection.
@@ -882,21 +886,39 @@ impl AckedPublisher {
                             a.lock().unwrap().insert(id);
                         }
                     }
-                    // A broker that lost the session: rumqttc drops what it had not
-                    // resent, and none of it was acknowledged.
-                    Ok(Event::Incoming(Incoming::ConnAck(c))) if !c.session_present => {
-                        outstanding.clear();
+                    Ok(Event::Incoming(Incoming::ConnAck(c))) => {
+                        if connected.is_some() {
+                            // The first: the session exists before anything is sent.
+                            let _ = connected.take().unwrap().send(());
+                        } else if !c.session_present {
+                            // A broker that lost the session: rumqttc drops what it had
+                            // not resent, and the mapping above no longer holds.
+                            l.store(true, std::sync::atomic::Ordering::SeqCst);
+                            outstanding.clear();
+                        }
                     }
                     Ok(_) => {}
                     Err(_) => std::thread::sleep(Duration::from_millis(50)),
                 }
             }
         });
+        // Nothing is published before the session exists: rumqttc drops requests
+        // queued across a failed first attempt when the CONNACK says the session is
+        // new, which would shift the ids above (seen under a CPU hog).
+        connected_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the sensor connected within 30 s");
         AckedPublisher {
             client,
             order,
             acked,
+            lost_session,
         }
+    }
+
+    /// Whether the broker ever answered a reconnection with a fresh session.
+    pub fn lost_session(&self) -> bool {
+        self.lost_session.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Publishes `{"id": id, "text": text}` at QoS 1; blocks while rumqttc's request
