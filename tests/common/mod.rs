@@ -842,59 +842,39 @@ impl V5Device {
     }
 }
 
-/// A sensor as a real one behaves: QoS 1 publishes with a bounded in-flight window on
-/// a persistent session, resent by rumqttc after every reconnection, and a record of
-/// which of them the broker acknowledged (PUBACK): what a test of "nothing
-/// acknowledged is lost" must count, rather than what it merely sent.
+/// A sensor as a real one behaves: QoS 1 publishes on a persistent session, resent by
+/// rumqttc after every reconnection until the broker acknowledges them (PUBACK), and
+/// a record of which it acknowledged: what a test of "nothing acknowledged is lost"
+/// must count, rather than what it merely sent. One publish in flight per sensor, so
+/// that each PUBACK names its message beyond doubt (rumqttc reports packet ids, not
+/// messages; a mapping of the two across reconnections went wrong under a CPU hog);
+/// run several sensors for a window.
 pub struct AckedPublisher {
     client: Client,
-    order: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<i64>>>,
+    acks: std::sync::Mutex<Receiver<()>>,
     acked: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<i64>>>,
-    lost_session: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AckedPublisher {
     pub fn connect(port: u16, id: &str) -> AckedPublisher {
-        use std::collections::{HashMap, HashSet, VecDeque};
-        use std::sync::{Arc, Mutex};
         let mut opts = MqttOptions::new(id, "127.0.0.1", port);
         opts.set_clean_session(false);
         opts.set_keep_alive(Duration::from_secs(5));
-        opts.set_inflight(100);
         let (client, mut connection) = Client::new(opts, 10);
-        let order = Arc::new(Mutex::new(VecDeque::new()));
-        let acked = Arc::new(Mutex::new(HashSet::new()));
-        let lost_session = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (o, a, l) = (order.clone(), acked.clone(), lost_session.clone());
+        let (acks_tx, acks) = channel();
         let (connected_tx, connected_rx) = channel();
-        let mut connected = Some(connected_tx);
         std::thread::spawn(move || {
-            // Packet id -> message id, for publishes sent and not yet acknowledged.
-            // rumqttc resends those with their packet ids after a reconnection.
-            let mut outstanding: HashMap<u16, i64> = HashMap::new();
+            let mut connected = Some(connected_tx);
             for event in connection.iter() {
                 match event {
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
-                        // A first send takes the next id: requests leave in the
-                        // order they were made. A resend keeps its packet id.
-                        outstanding.entry(pkid).or_insert_with(|| {
-                            o.lock().unwrap().pop_front().expect("a publish to map")
-                        });
-                    }
-                    Ok(Event::Incoming(Incoming::PubAck(ack))) => {
-                        if let Some(id) = outstanding.remove(&ack.pkid) {
-                            a.lock().unwrap().insert(id);
+                    Ok(Event::Incoming(Incoming::PubAck(_))) => {
+                        if acks_tx.send(()).is_err() {
+                            return;
                         }
                     }
-                    Ok(Event::Incoming(Incoming::ConnAck(c))) => {
-                        if connected.is_some() {
-                            // The first: the session exists before anything is sent.
-                            let _ = connected.take().unwrap().send(());
-                        } else if !c.session_present {
-                            // A broker that lost the session: rumqttc drops what it had
-                            // not resent, and the mapping above no longer holds.
-                            l.store(true, std::sync::atomic::Ordering::SeqCst);
-                            outstanding.clear();
+                    Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                        if let Some(c) = connected.take() {
+                            let _ = c.send(());
                         }
                     }
                     Ok(_) => {}
@@ -903,32 +883,32 @@ impl AckedPublisher {
             }
         });
         // Nothing is published before the session exists: rumqttc drops requests
-        // queued across a failed first attempt when the CONNACK says the session is
-        // new, which would shift the ids above (seen under a CPU hog).
+        // queued across a failed first attempt when the CONNACK says the session is new.
         connected_rx
             .recv_timeout(Duration::from_secs(30))
             .expect("the sensor connected within 30 s");
         AckedPublisher {
             client,
-            order,
-            acked,
-            lost_session,
+            acks: std::sync::Mutex::new(acks),
+            acked: Default::default(),
         }
     }
 
-    /// Whether the broker ever answered a reconnection with a fresh session.
-    pub fn lost_session(&self) -> bool {
-        self.lost_session.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Publishes `{"id": id, "text": text}` at QoS 1; blocks while rumqttc's request
-    /// queue is full (the broker down), as a device's publish call would.
+    /// Publishes `{"id": id, "text": text}` at QoS 1 and returns once the broker has
+    /// acknowledged it: rumqttc resends it after reconnecting; if 30 s pass without
+    /// a PUBACK (a request dropped with a lost session), it is published again.
     pub fn publish(&self, topic: &str, id: i64, text: &str) {
-        self.order.lock().unwrap().push_back(id);
         let payload = serde_json::json!({"id": id, "text": text}).to_string();
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .unwrap();
+        loop {
+            self.client
+                .publish(topic, QoS::AtLeastOnce, false, payload.clone())
+                .unwrap();
+            let ack = self.acks.lock().unwrap().recv_timeout(Duration::from_secs(30));
+            if ack.is_ok() {
+                self.acked.lock().unwrap().insert(id);
+                return;
+            }
+        }
     }
 
     /// The ids the broker has acknowledged so far.
