@@ -2,10 +2,11 @@
 //! the same bundle, the same tensors and the same thread count, in one run.
 //!
 //!     cargo bench --bench compare -- [--model DIR]... [--ort PYTHON] [--max-batch N]
-//!         [--messages FILE] [--json FILE] [--int8 native,dequantize] [--no-daemon]
+//!         [--messages FILE] [--json FILE] [--kernels LIST] [--no-daemon]
 //!
-//! Per model, and per int8 path (`--int8`, a comma list; default `native,dequantize`,
-//! both in this one process so their ratio is free of run-to-run noise):
+//! Per model, and per int8 kernel (`--kernels`, a comma list of kernel names and
+//! `dequantize`; default every kernel this CPU runs and `dequantize`, all in this one
+//! process so their ratios are free of run-to-run noise), one row each:
 //! - engine: tract on fixed shapes (1×16, 1×64, 1×128, 8×64; real Spanish tokens,
 //!   cut from `benches/messages-es.txt`), median of repeated runs, one thread;
 //! - messages: the 40 ParlaMint paragraphs of `benches/messages-es.txt` (8–350 words)
@@ -29,7 +30,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anotador::engine::{Batch, EngineState, Int8Path, Rewrites};
+use anotador::bench::Candidate;
+use anotador::engine::{Batch, EngineState};
 use anotador::tasks::batch::{annotate_batch, Item};
 use anotador::{Annotator, Bundle, TaskOptions};
 use common::*;
@@ -61,12 +63,13 @@ fn main() {
     let max_batch: usize = flag("--max-batch")
         .pop()
         .map_or(8, |n| n.parse().expect("--max-batch N"));
-    let paths: Vec<Int8Path> = flag("--int8")
+    let paths: Vec<Candidate> = flag("--kernels")
         .pop()
-        .unwrap_or_else(|| "native,dequantize".into())
-        .split(',')
-        .map(|p| p.parse().expect("--int8 auto|native|dequantize[,…]"))
-        .collect();
+        .map_or_else(Candidate::all_here, |list| {
+            list.split(',')
+                .map(|p| p.parse().expect("--kernels: kernel names and dequantize"))
+                .collect()
+        });
     let daemon = !args.iter().any(|a| a == "--no-daemon");
     let messages_file = flag("--messages")
         .pop()
@@ -78,6 +81,15 @@ fn main() {
         .collect();
 
     println!("CPU: {}", cpu_name());
+    println!(
+        "SIMD level: {:?}; kernels: {}",
+        anotador::engine::simd::detected(),
+        paths
+            .iter()
+            .map(|c| c.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let mut report = Vec::new();
     for model in &models {
         let model = std::fs::canonicalize(model).unwrap();
@@ -97,16 +109,9 @@ fn main() {
     }
 }
 
+/// The CPU model and the features the kernel choice depends on.
 fn cpu_name() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
+    anotador::engine::simd::cpu_line()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -129,10 +134,11 @@ fn batch_json(b: &Batch) -> Value {
     })
 }
 
-/// One int8 path's engine figures.
+/// One kernel's engine figures.
 struct EngineRun {
-    path: Int8Path,
-    int8_path: &'static str,
+    path: Candidate,
+    /// The kernels its matrices ran on, as the load reported them.
+    kernels: String,
     packed_mib: f64,
     shapes: Vec<(String, Batch, f64)>,
     message_batches: Vec<Vec<Batch>>,
@@ -142,8 +148,8 @@ struct EngineRun {
     message_ms_median: f64,
 }
 
-fn bench_engine(model: &Path, messages: &[String], max_batch: usize, path: Int8Path) -> EngineRun {
-    let bundle = Arc::new(Bundle::load_with(model, Rewrites::for_path(path)).unwrap());
+fn bench_engine(model: &Path, messages: &[String], max_batch: usize, path: Candidate) -> EngineRun {
+    let bundle = Arc::new(Bundle::load_with(model, path.rewrites().unwrap()).unwrap());
     let info = bundle.engine.info().clone();
     let max = bundle.config.max_length;
     let mut state = bundle.engine.state().unwrap();
@@ -244,7 +250,16 @@ fn bench_engine(model: &Path, messages: &[String], max_batch: usize, path: Int8P
     let two_threads_msgs_per_s = 2.0 * messages.len() as f64 / median(pair_totals);
     EngineRun {
         path,
-        int8_path: info.int8_path,
+        kernels: if info.rewrites.int8_kernels.is_empty() {
+            "fp32 (tract)".into()
+        } else {
+            info.rewrites
+                .int8_kernels
+                .iter()
+                .map(|(k, n)| format!("{n} × {k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
         packed_mib: info.rewrites.packed_weight_bytes as f64 / 1048576.0,
         shapes,
         message_batches,
@@ -260,7 +275,7 @@ fn bench_model(
     messages: &[String],
     ort: Option<&str>,
     max_batch: usize,
-    paths: &[Int8Path],
+    paths: &[Candidate],
     daemon: bool,
 ) -> Value {
     let runs: Vec<EngineRun> = paths
@@ -312,51 +327,51 @@ fn bench_model(
     };
     let daemon2 = daemon.then(|| daemon_throughput(model, messages, 2, max_batch, paths[0]));
 
-    // The table: one column per int8 path, ratios to onnxruntime.
+    // The table: a row per kernel, ratios to onnxruntime in brackets.
     let ort_ms = |name: &str| ort_result.as_ref().and_then(|r| r["shapes"][name].as_f64());
     let ort_msgs = ort_result
         .as_ref()
         .and_then(|r| r["messages_per_s"].as_f64());
-    let ratio = |x: Option<f64>| x.map_or("–".into(), |r| format!("{r:.2}"));
-    print!("| input | onnxruntime int8 |");
-    for r in &runs {
+    let ratio = |x: Option<f64>| x.map_or(String::new(), |r| format!(" ({r:.2})"));
+    print!("| engine |");
+    for (name, _, _) in shapes {
+        print!(" {name} ms |");
+    }
+    println!(
+        " {} messages ({windows_total} windows), msg/s |",
+        messages.len()
+    );
+    println!("|---|{}---|", "---|".repeat(shapes.len()));
+    print!("| onnxruntime int8 |");
+    for (name, _, _) in shapes {
         print!(
-            " anotador {} ({}) | ratio |",
-            r.int8_path,
-            r.packed_mib_label()
+            " {} |",
+            ort_ms(name).map_or("–".into(), |o| format!("{o:.2}"))
         );
     }
-    println!();
-    println!("|---|---|{}", "---|---|".repeat(runs.len()));
-    for (ix, (name, _, _)) in shapes.iter().enumerate() {
-        let o = ort_ms(name);
-        print!(
-            "| {name} ms | {} |",
-            o.map_or("–".into(), |o| format!("{o:.2}"))
-        );
-        for r in &runs {
-            let ms = r.shapes[ix].2;
-            print!(" {ms:.2} | {} |", ratio(o.map(|o| ms / o)));
-        }
-        println!();
-    }
-    print!(
-        "| {} messages ({windows_total} windows), msg/s | {} (bare model) |",
-        messages.len(),
+    println!(
+        " {} (bare model) |",
         ort_msgs.map_or("–".into(), |o| format!("{o:.1}"))
     );
     for r in &runs {
-        print!(
-            " {:.1} (whole task path) | {} |",
+        print!("| {} ({}) |", r.path.name(), r.packed_mib_label());
+        for (ix, (name, _, _)) in shapes.iter().enumerate() {
+            let ms = r.shapes[ix].2;
+            print!(" {ms:.2}{} |", ratio(ort_ms(name).map(|o| ms / o)));
+        }
+        println!(
+            " {:.1}{} |",
             r.msgs_per_s,
             ratio(ort_msgs.map(|o| o / r.msgs_per_s))
         );
     }
-    println!();
+    for r in &runs {
+        println!("{}: {}", r.path.name(), r.kernels);
+    }
     for r in &runs {
         println!(
             "{}: micro-batches of {max_batch}: {:.1} msg/s = {:.2} × one by one; 2 threads: {:.1} msg/s = {:.2} × 1 thread",
-            r.int8_path,
+            r.path.name(),
             r.batched_msgs_per_s,
             r.batched_msgs_per_s / r.msgs_per_s,
             r.two_threads_msgs_per_s,
@@ -366,7 +381,7 @@ fn bench_model(
     for (r, d) in runs.iter().zip(&daemons) {
         println!(
             "daemon ({}) over MQTT, 1 worker: {:.1} msg/s = {:.2} × engine-only; RSS {:.1} MiB loaded, peak {:.1} at load, {:.1} under load",
-            r.int8_path,
+            r.path.name(),
             d.msgs_per_s,
             d.msgs_per_s / r.msgs_per_s,
             d.load_rss_mib,
@@ -377,7 +392,7 @@ fn bench_model(
     if let (Some(d1), Some(d2)) = (daemons.first(), &daemon2) {
         println!(
             "daemon ({}), 2 workers: {:.1} msg/s = {:.2} × 1 worker; RSS {:.1} MiB loaded, peak {:.1} at load, {:.1} under load",
-            runs[0].int8_path,
+            runs[0].path.name(),
             d2.msgs_per_s,
             d2.msgs_per_s / d1.msgs_per_s,
             d2.load_rss_mib,
@@ -393,8 +408,8 @@ fn bench_model(
         "max_batch": max_batch,
         "ort": ort_result,
         "paths": runs.iter().map(|r| json!({
-            "int8": format!("{:?}", r.path).to_lowercase(),
-            "int8_path": r.int8_path,
+            "kernel": r.path.name(),
+            "matrices_on": r.kernels,
             "packed_weight_mib": r.packed_mib,
             "shapes": r.shapes.iter().map(|(name, _, ms)| json!({"shape": name, "anotador_ms": ms, "ort_ms": ort_ms(name)})).collect::<Vec<_>>(),
             "engine_messages_per_s": r.msgs_per_s,
@@ -436,7 +451,7 @@ fn daemon_throughput(
     messages: &[String],
     workers: usize,
     max_batch: usize,
-    int8: Int8Path,
+    kernel: Candidate,
 ) -> DaemonRun {
     let total = messages.len() * DAEMON_ROUNDS;
     let broker = start_broker_with(&format!("max_queued_messages {}\n", total * 2));
@@ -446,8 +461,11 @@ fn daemon_throughput(
         broker.port,
         &model.display().to_string(),
         &format!(
-            "workers = {workers}\nmax_batch = {max_batch}\nint8 = \"{}\"",
-            format!("{int8:?}").to_lowercase()
+            "workers = {workers}\nmax_batch = {max_batch}\n{}",
+            match kernel {
+                Candidate::Kernel(k) => format!("kernel = \"{k}\""),
+                Candidate::Dequantize => "int8 = \"dequantize\"".into(),
+            }
         ),
     );
     let device = Device::connect(broker.port, "bench-device");

@@ -15,6 +15,10 @@
 # VAR=VALUE pairs are set for that CPU's runs: tract reads /proc/cpuinfo to pick
 # kernels and qemu-user shows the host's there, so TRACT_CPU_AARCH64_KIND /
 # TRACT_CPU_ARM32_NEON stand in for what a real Pi reports (cross/README.md).
+# 3. every int8 kernel the target has (aarch64: tract and rten; armv7: tract) annotates
+#    models/ner-es the same as native (the goldens test already runs each kernel);
+# 4. `anotador bench` runs to the end under the first CPU model (its figures are
+#    meaningless under qemu: it is run to show it works, and the table is printed).
 # Under qemu inference is 18-600x slower: nothing here is a timing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,9 +38,10 @@ done
 . cross/env.sh "$target"
 if [ -z "$cpus" ]; then
   case "$target" in
-    # Pi 3 / Zero 2 (Cortex-A53: tract's a53 f32 kernels, SMLAL int8), Pi 5
-    # (Cortex-A76: generic f32 kernels, SDOT int8).
-    aarch64-*) cpus="cortex-a53:TRACT_CPU_AARCH64_KIND=a53 cortex-a76" ;;
+    # Pi 3 / Zero 2 (Cortex-A53: tract's a53 f32 kernels, SMLAL int8; rten-gemm's MLAL),
+    # Pi 5 (Cortex-A76: SDOT int8 in both), and qemu's max core (i8mm: rten-gemm's
+    # SMMLA kernel, which no Pi has yet but Neoverse servers do).
+    aarch64-*) cpus="cortex-a53:TRACT_CPU_AARCH64_KIND=a53 cortex-a76 max" ;;
     # Pi 2 (Cortex-A7, NEON kernels as on the device), and qemu's max ARMv8 core in
     # AArch32 with tract's own detection, which finds no NEON under qemu: VFP kernels.
     armv7-*|arm-*) cpus="cortex-a7:TRACT_CPU_ARM32_NEON=true max" ;;
@@ -45,6 +50,10 @@ if [ -z "$cpus" ]; then
 fi
 [ -x "$native" ] || { echo "cross/check.sh: no native binary at $native (cargo build first, or --native)" >&2; exit 1; }
 models=(ner-es pos-es emotion-es)
+case "$target" in
+  aarch64-*) extra_kernels=(rten) ;;
+  *) extra_kernels=() ;;
+esac
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 qemu=("$QEMU")
@@ -107,7 +116,25 @@ for spec in $cpus; do
     echo "annotate $m: $result"
     jq -e .ok >/dev/null <<<"$result" || { failed=1; same=DIFFERENT; }
   done
+  for k in ${extra_kernels[@]+"${extra_kernels[@]}"}; do
+    if ! run "$bin" annotate --model models/ner-es --kernel "$k" \
+        < cross/samples.txt > "$work/arm-$k.jsonl" 2> "$work/arm-$k.err"; then
+      cat "$work/arm-$k.err"; failed=1; same=FAILED; echo "annotate ner-es --kernel $k: FAILED (exit)"; continue
+    fi
+    result="$(jq -nc --slurpfile a "$work/native-ner-es.jsonl" --slurpfile b "$work/arm-$k.jsonl" \
+      --argjson tol 1e-3 -f cross/compare.jq)"
+    echo "annotate ner-es --kernel $k: $result"
+    jq -e .ok >/dev/null <<<"$result" || { failed=1; same=DIFFERENT; }
+  done
   echo "-- annotate ($label): $((SECONDS - t0)) s${kernels:+; tract: $kernels}"
+  if [ "$spec" = "${cpus%% *}" ]; then
+    t0=$SECONDS
+    echo "== anotador bench under qemu ($label): figures meaningless under emulation"
+    if run "$bin" bench --model models/ner-es --seconds 0 --messages 3 > "$work/bench.txt" 2>&1; then b=ok; else b=FAILED; failed=1; fi
+    cat "$work/bench.txt"
+    echo "-- bench ($label): $b, $((SECONDS - t0)) s"
+    summary+=("$label: anotador bench $b")
+  fi
   summary+=("$label: goldens $g (${counts:-?}), annotate vs native: $same")
 done
 

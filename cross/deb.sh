@@ -67,8 +67,8 @@ done
 # paths in it are resolved against the file's own directory, which is /etc/anotador),
 # and the external broker on 127.0.0.1 (Mosquitto, a Recommends) instead of the
 # embedded one: a system broker outlives the daemon's restarts and upgrades, which
-# the embedded one, in the daemon's process, does not (README, "Install on a
-# Raspberry Pi"). Switching back is one section: uncomment [broker.embedded] and its
+# the embedded one, in the daemon's process, does not (docs/raspberry-pi.md,
+# "Install on a Raspberry Pi"). Switching back is one section: uncomment [broker.embedded] and its
 # listen line, comment host and port.
 sed -e 's|^path = "\.\./models/|path = "/usr/share/anotador/models/|' \
     -e 's#anotador \(run\|check\) --config config/anotador.toml#anotador \1 --config /etc/anotador/anotador.toml#' \
@@ -94,6 +94,8 @@ grep -q '^ExecStart=/usr/bin/anotador run --config /etc/anotador/anotador.toml$'
   "$root/lib/systemd/system/anotador.service"
 
 install -m 0644 README.md "$root/usr/share/doc/anotador/README.md"
+install -d "$root/usr/share/doc/anotador/docs"
+install -m 0644 docs/*.md "$root/usr/share/doc/anotador/docs/"
 install -m 0644 models/train/LICENSES.md "$root/usr/share/doc/anotador/MODEL-DATA-LICENSES.md"
 licence_of() { sed -n 's/^| Licence | \(.*\) |$/\1/p' "models/$1/README.md" | head -n1; }
 {

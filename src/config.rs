@@ -148,10 +148,26 @@ pub struct Broker {
 #[serde(deny_unknown_fields)]
 pub struct Embedded {
     /// Where it listens (MQTT 3.1.1 and 5, plain TCP). Port 0 takes a free port,
-    /// logged at start. An address other than loopback opens an unauthenticated
-    /// broker to the network.
+    /// logged at start. An address other than loopback needs `password_file` (or
+    /// `allow_anonymous = true`, on purpose).
     #[serde(default = "default_listen")]
     pub listen: std::net::SocketAddr,
+    /// Users who may connect, `user:argon2-hash` per line (`anotador passwd FILE
+    /// USER`); with it, a client without a valid user and password is refused.
+    pub password_file: Option<PathBuf>,
+    /// Per-user topic rights (`user NAME topic FILTER permission read|write|readwrite|deny`,
+    /// `*` for every user, `%u` for the user's name).
+    pub acl_file: Option<PathBuf>,
+    /// Clients without a user name: allowed by default only on a loopback `listen`
+    /// without `password_file`.
+    pub allow_anonymous: Option<bool>,
+    /// A second listener, MQTT over TLS (rustls with ring), e.g. `0.0.0.0:8883`; needs
+    /// `cert_file` and `key_file` (PEM). Users and rights are the same as on `listen`.
+    pub tls_listen: Option<std::net::SocketAddr>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// With it, a TLS client must present a certificate this CA signed (mutual TLS).
+    pub client_ca_file: Option<PathBuf>,
     /// Sessions, queued messages and retained messages on disk, so a restart
     /// (or a crash) keeps what was not yet acknowledged; absent: memory only.
     /// With it, a QoS 1/2 publish is acknowledged only once it is written.
@@ -243,6 +259,10 @@ pub struct Model {
     /// How the int8 weights run: `auto`, `native` or `dequantize` (see README).
     #[serde(default)]
     pub int8: crate::engine::Int8Path,
+    /// Which int8 kernel multiplies them: `auto` (this CPU's, see README) or a name
+    /// (`anotador bench` times each this CPU runs).
+    #[serde(default)]
+    pub kernel: crate::engine::KernelChoice,
     /// Task options for every route of this model (`window`, `stride`,
     /// `max_windows`…); a route's own `options` win.
     #[serde(flatten)]
@@ -423,6 +443,11 @@ impl File {
                     "must be at least 1".into(),
                 ));
             }
+            // The kernel must run on this CPU: the machine that validates is the one
+            // that runs (`check` and `run`).
+            if let Err(why) = crate::engine::Rewrites::for_model(model.int8, model.kernel.named()) {
+                return Err(bad(format!("models.{name}.kernel"), why));
+            }
         }
         if self.routes.is_empty() {
             return Err(bad("routes".into(), "at least one route is needed".into()));
@@ -537,6 +562,76 @@ impl Broker {
                     daemon.max_packet_bytes
                 ),
             ));
+        }
+        let tls = [
+            ("cert_file", &embedded.cert_file),
+            ("key_file", &embedded.key_file),
+            ("client_ca_file", &embedded.client_ca_file),
+        ];
+        match embedded.tls_listen {
+            Some(_) => {
+                for (key, file) in &tls {
+                    match file {
+                        Some(f) if !f.is_file() => {
+                            return Err(bad(
+                                format!("broker.embedded.{key}"),
+                                format!("{} is not a readable file", f.display()),
+                            ))
+                        }
+                        None if *key != "client_ca_file" => {
+                            return Err(bad(
+                                format!("broker.embedded.{key}"),
+                                "tls_listen needs cert_file and key_file (PEM)".into(),
+                            ))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            None => {
+                if let Some((key, _)) = tls.iter().find(|(_, f)| f.is_some()) {
+                    return Err(bad(
+                        format!("broker.embedded.{key}"),
+                        "is for the TLS listener: set tls_listen too".into(),
+                    ));
+                }
+            }
+        }
+        let listeners = [
+            ("listen", Some(embedded.listen)),
+            ("tls_listen", embedded.tls_listen),
+        ];
+        for (key, addr) in listeners {
+            let Some(addr) = addr else { continue };
+            if !addr.ip().is_loopback()
+                && embedded.password_file.is_none()
+                && embedded.allow_anonymous != Some(true)
+            {
+                return Err(bad(
+                    format!("broker.embedded.{key}"),
+                    format!(
+                        "{addr} reaches beyond this machine, and without password_file any client there could read every message and publish into every route; set password_file (users from `anotador passwd FILE USER`), or allow_anonymous = true to open it on purpose"
+                    ),
+                ));
+            }
+        }
+        if embedded.password_file.is_none() && embedded.allow_anonymous == Some(false) {
+            return Err(bad(
+                "broker.embedded.allow_anonymous".into(),
+                "false without password_file lets no client in; add password_file".into(),
+            ));
+        }
+        #[cfg(feature = "broker")]
+        {
+            use crate::transport::broker::auth;
+            if let Some(file) = &embedded.password_file {
+                auth::check_password_file(file)
+                    .map_err(|why| bad("broker.embedded.password_file".into(), why))?;
+            }
+            if let Some(file) = &embedded.acl_file {
+                auth::check_acl_file(file)
+                    .map_err(|why| bad("broker.embedded.acl_file".into(), why))?;
+            }
         }
         if let Some(dir) = &embedded.data_dir {
             if dir.exists() && !dir.is_dir() {

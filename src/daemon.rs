@@ -43,6 +43,11 @@ pub fn run(path: &Path) -> Result<(), DaemonError> {
         }
         let signals = signals()?;
         let (address, embedded) = broker(&config).await?;
+        #[cfg(feature = "broker")]
+        let signals = match &embedded {
+            Some(b) => reload_users_on_hup(signals, path.to_path_buf(), b.users()),
+            None => signals,
+        };
         let served = mqtt::serve(path.to_path_buf(), config, address, models, health, signals)
             .await
             .map_err(DaemonError::from);
@@ -68,13 +73,61 @@ type Embedded = std::convert::Infallible;
 
 /// The broker to connect to: the embedded one, started here (`[broker.embedded]`),
 /// or the external one of `[broker]`.
-async fn broker(config: &Config) -> Result<((String, u16), Option<Embedded>), DaemonError> {
+async fn broker(config: &Config) -> Result<(mqtt::Endpoint, Option<Embedded>), DaemonError> {
     #[cfg(feature = "broker")]
     if let Some(embedded) = &config.broker.embedded {
         let broker = crate::transport::broker::Broker::start(embedded, &config.daemon).await?;
-        return Ok((broker.client_address(), Some(broker)));
+        let (host, port) = broker.client_address();
+        let endpoint = mqtt::Endpoint {
+            host,
+            port,
+            credentials: broker.client_credentials(),
+        };
+        return Ok((endpoint, Some(broker)));
     }
-    Ok((config.broker.address(), None))
+    let (host, port) = config.broker.address();
+    Ok((
+        mqtt::Endpoint {
+            host,
+            port,
+            credentials: None,
+        },
+        None,
+    ))
+}
+
+/// Passes the signals on, and on SIGHUP first has the embedded broker read its
+/// password and ACL files again (the transport then reloads the rest). A bad file
+/// fails the configuration's check there too, so both keep what they had.
+#[cfg(feature = "broker")]
+fn reload_users_on_hup(
+    mut signals: mpsc::UnboundedReceiver<Signal>,
+    path: std::path::PathBuf,
+    users: crate::transport::broker::Users,
+) -> mpsc::UnboundedReceiver<Signal> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(signal) = signals.recv().await {
+            if matches!(signal, Signal::Reload) {
+                let outcome = match Config::load(&path) {
+                    Ok(c) => match &c.broker.embedded {
+                        Some(e) => users.reload(e).await,
+                        None => Ok(()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(why) = outcome {
+                    log::error!(
+                        "embedded broker: users and rights not reloaded, the ones in force stay: {why}"
+                    );
+                }
+            }
+            if tx.send(signal).is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// The process's signals as a stream the transport selects on.

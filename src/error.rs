@@ -61,6 +61,10 @@ pub enum Error {
         problem: String,
     },
 
+    /// An int8 kernel that cannot serve here (`kernel`, `--kernel`).
+    #[error("{0}")]
+    Kernel(String),
+
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -82,6 +86,7 @@ impl Error {
             Error::Tokenizer(_) => "tokenizer_failed",
             Error::Inference(_) => "inference_failed",
             Error::EvalData { .. } => "bad_eval_data",
+            Error::Kernel(_) => "kernel_unavailable",
             Error::Io(_) => "io",
         }
     }

@@ -10,6 +10,7 @@
 //! models and routes, one worker `pool` per model) ← `transport` (MQTT at the
 //! edge: routes a message, parses it, hands it to the service with a reply handle).
 
+pub mod bench;
 pub mod bundle;
 pub mod config;
 pub mod daemon;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use anotador::engine::{Int8Path, Rewrites};
+use anotador::engine::{Int8Path, KernelChoice, Rewrites};
 use anotador::eval::DataFormat;
 use anotador::message::PayloadFormat;
 use anotador::transport::lines;
@@ -88,14 +88,65 @@ enum Command {
     /// daemon's JSON envelope) in order. The route must allow the response topic
     /// (`responses` in its [[routes]] entry).
     Ask(AskArgs),
+    /// Time each int8 kernel this CPU runs, and the dequantized path, on a built-in set
+    /// of Spanish messages (one thread, each in its own process), print a table with
+    /// the CPU, and optionally write the fastest into a configuration.
+    Bench {
+        /// Model bundle folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// What to time, a comma list of kernel names and `dequantize`; default:
+        /// every kernel this CPU runs, and dequantize.
+        #[arg(long, value_delimiter = ',')]
+        kernel: Vec<anotador::bench::Candidate>,
+        /// Seconds of timed passes per candidate, after one warm-up pass.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Time only the first N built-in messages (a quick look on a slow board or
+        /// under emulation).
+        #[arg(long)]
+        messages: Option<usize>,
+        /// Write the fastest into this configuration file, in [models.NAME].
+        #[arg(long, requires = "name")]
+        write_config: Option<PathBuf>,
+        /// The model's NAME in that configuration.
+        #[arg(long)]
+        name: Option<String>,
+        /// Print the figures as JSON lines instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Measure one candidate in this process and print its JSON (what the
+        /// parent runs in each child).
+        #[arg(long, hide = true)]
+        one: Option<anotador::bench::Candidate>,
+    },
     /// Validate a configuration and load every model (or just bundles) without connecting;
     /// non-zero exit on any problem.
+    /// Add or replace a user of the embedded broker's password_file (argon2 hash;
+    /// a new file is created 0600). The password is asked twice on the terminal, or
+    /// read from the first line of stdin with --stdin.
+    #[cfg(feature = "broker")]
+    Passwd {
+        /// The password file ([broker.embedded] password_file).
+        file: PathBuf,
+        /// The user name.
+        user: String,
+        /// Read the password from stdin's first line instead of the terminal.
+        #[arg(long)]
+        stdin: bool,
+    },
     Check {
         #[arg(long, required_unless_present = "models")]
         config: Option<PathBuf>,
         /// Bundle folders.
         #[arg(long = "model")]
         models: Vec<PathBuf>,
+        /// For --model: how int8 weights run (auto, native, dequantize).
+        #[arg(long, default_value = "auto")]
+        int8: Int8Path,
+        /// For --model: the int8 kernel (auto or a name, as `annotate --kernel`).
+        #[arg(long, default_value = "auto")]
+        kernel: KernelChoice,
     },
 }
 
@@ -110,14 +161,17 @@ struct ModelArgs {
     /// quarter of the weight memory) or dequantize (fp32 weights and kernels).
     #[arg(long, default_value = "auto")]
     int8: Int8Path,
+    /// The int8 kernel: auto (this CPU's) or one of avx512-vnni, avx-vnni, avx2,
+    /// rten, tract (`anotador bench` times those this CPU runs).
+    #[arg(long, default_value = "auto")]
+    kernel: KernelChoice,
 }
 
 impl ModelArgs {
     fn load(&self) -> anyhow::Result<Annotator> {
-        let bundle = Arc::new(Bundle::load_with(
-            &self.model,
-            Rewrites::for_path(self.int8),
-        )?);
+        let rewrites = Rewrites::for_model(self.int8, self.kernel.named())
+            .map_err(|why| anyhow::anyhow!("--kernel {}: {why}", self.kernel))?;
+        let bundle = Arc::new(Bundle::load_with(&self.model, rewrites)?);
         Ok(Annotator::new(bundle, &self.options)?)
     }
 }
@@ -183,7 +237,81 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ask(args) => ask(args),
-        Command::Check { config, models } => {
+        Command::Bench {
+            model,
+            kernel,
+            seconds,
+            messages,
+            write_config,
+            name,
+            json,
+            one,
+        } => {
+            use anotador::bench;
+            let budget = std::time::Duration::try_from_secs_f64(seconds)
+                .context("--seconds: a positive number")?;
+            if let Some(candidate) = one {
+                let m = bench::measure(&model, candidate, budget, messages)?;
+                println!("{}", serde_json::to_string(&m)?);
+                return Ok(());
+            }
+            let candidates = if kernel.is_empty() {
+                bench::Candidate::all_here()
+            } else {
+                kernel
+            };
+            let mut measures = Vec::new();
+            for c in candidates {
+                eprintln!("timing {} ...", c.name());
+                let m = bench_child(&model, c, seconds, messages)?;
+                if json {
+                    println!("{}", serde_json::to_string(&m)?);
+                }
+                measures.push(m);
+            }
+            if !json {
+                print!(
+                    "{}",
+                    bench::table(&anotador::engine::simd::cpu_line(), &measures)
+                );
+            }
+            if let (Some(path), Some(name)) = (write_config, name) {
+                let best = bench::fastest(&measures).context("nothing was timed")?;
+                bench::write_choice(&path, &name, best)?;
+                eprintln!(
+                    "{}: [models.{name}] now runs {} (the fastest here)",
+                    path.display(),
+                    best.name()
+                );
+            }
+            Ok(())
+        }
+        #[cfg(feature = "broker")]
+        Command::Passwd { file, user, stdin } => {
+            let password = if stdin {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                line.trim_end_matches(['\r', '\n']).to_string()
+            } else {
+                let first = rpassword::prompt_password(format!("password for {user}: "))?;
+                let again = rpassword::prompt_password("again: ")?;
+                anyhow::ensure!(first == again, "the two passwords differ; nothing written");
+                first
+            };
+            anotador::transport::broker::auth::set_password(&file, &user, &password)
+                .map_err(|why| anyhow::anyhow!(why))?;
+            eprintln!(
+                "{}: {user} set; a running daemon reads it on restart",
+                file.display()
+            );
+            Ok(())
+        }
+        Command::Check {
+            config,
+            models,
+            int8,
+            kernel,
+        } => {
             if let Some(path) = config {
                 let config = anotador::config::Config::load(&path)?;
                 let loaded = anotador::service::Models::load(&config, None)?;
@@ -194,8 +322,10 @@ fn main() -> anyhow::Result<()> {
                     config.routes.len()
                 );
             }
+            let rewrites = Rewrites::for_model(int8, kernel.named())
+                .map_err(|why| anyhow::anyhow!("--kernel {kernel}: {why}"))?;
             for dir in &models {
-                let bundle = Bundle::load(dir)?;
+                let bundle = Bundle::load_with(dir, rewrites)?;
                 println!(
                     "{}: ok ({}, {}, {} labels, max {} tokens, sha256 {}, {})",
                     dir.display(),
@@ -208,6 +338,44 @@ fn main() -> anyhow::Result<()> {
                 );
             }
             Ok(())
+        }
+    }
+}
+
+/// One candidate of `anotador bench` in a child process of its own, so that its
+/// memory is its own; in this process if the binary cannot start itself (qemu-user
+/// without binfmt).
+fn bench_child(
+    model: &std::path::Path,
+    candidate: anotador::bench::Candidate,
+    seconds: f64,
+    messages: Option<usize>,
+) -> anyhow::Result<anotador::bench::Measure> {
+    let budget = std::time::Duration::from_secs_f64(seconds);
+    let child = std::env::current_exe().and_then(|exe| {
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["bench", "--model"]).arg(model).args([
+            "--one",
+            candidate.name(),
+            "--seconds",
+            &seconds.to_string(),
+        ]);
+        if let Some(n) = messages {
+            cmd.args(["--messages", &n.to_string()]);
+        }
+        cmd.stderr(std::process::Stdio::inherit()).output()
+    });
+    match child {
+        Ok(out) if out.status.success() => Ok(serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("bench child for {}", candidate.name()))?),
+        Ok(out) => anyhow::bail!("timing {} failed: {}", candidate.name(), out.status),
+        Err(e) => {
+            eprintln!(
+                "cannot start a child ({e}): timing in this process, memory figures cumulative"
+            );
+            Ok(anotador::bench::measure(
+                model, candidate, budget, messages,
+            )?)
         }
     }
 }

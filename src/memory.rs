@@ -15,3 +15,26 @@ pub fn trim() {
         libc::malloc_trim(0);
     }
 }
+
+/// Resident set size from /proc (Linux); None elsewhere. `VmRSS` is in kB
+/// whatever the page size (4 KiB on most, 16 KiB on a Raspberry Pi 5 kernel).
+pub fn rss_bytes() -> Option<u64> {
+    status_kb("VmRSS:").map(|kb| kb * 1024)
+}
+
+/// The highest resident set size this process has had (`VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    status_kb("VmHWM:").map(|kb| kb * 1024)
+}
+
+fn status_kb(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()
+}

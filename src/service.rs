@@ -14,7 +14,7 @@ use std::time::{Instant, SystemTime};
 
 use crate::bundle::Bundle;
 use crate::config::Config;
-use crate::engine::{Int8Path, Rewrites};
+use crate::engine::{Int8Path, KernelChoice, Rewrites};
 use crate::error::{Error, Result};
 use crate::message::{PayloadFormat, Request};
 use crate::pool::{Closed, Health, Job, Pool, Reply};
@@ -44,11 +44,22 @@ struct Stamp {
     path: PathBuf,
     sha256: Option<String>,
     int8: Int8Path,
+    kernel: KernelChoice,
     files: Vec<Option<(u64, SystemTime)>>,
 }
 
+/// ` (avx512-vnni ×24)`: which int8 kernel multiplies how many weight matrices, for the load
+/// log (the status message carries the same map).
+fn kernels_note(kernels: &BTreeMap<String, usize>) -> String {
+    if kernels.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = kernels.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
+    format!(" ({})", list.join(", "))
+}
+
 impl Stamp {
-    fn of(path: &Path, sha256: Option<&String>, int8: Int8Path) -> Stamp {
+    fn of(path: &Path, sha256: Option<&String>, int8: Int8Path, kernel: KernelChoice) -> Stamp {
         let files = ["model.onnx", "tokenizer.json", "config.json"]
             .iter()
             .map(|f| {
@@ -60,6 +71,7 @@ impl Stamp {
             path: path.to_path_buf(),
             sha256: sha256.cloned(),
             int8,
+            kernel,
             files,
         }
     }
@@ -79,7 +91,7 @@ impl Models {
     pub fn load(config: &Config, running: Option<&Models>) -> Result<Models> {
         let mut loaded = BTreeMap::new();
         for (name, m) in &config.models {
-            let stamp = Stamp::of(&m.path, m.sha256.as_ref(), m.int8);
+            let stamp = Stamp::of(&m.path, m.sha256.as_ref(), m.int8, m.kernel);
             if let Some(same) = running
                 .and_then(|r| r.loaded.get(name))
                 .filter(|l| l.stamp == stamp)
@@ -91,14 +103,17 @@ impl Models {
             if let Some(expected) = &m.sha256 {
                 crate::bundle::verify_sha256(&m.path, expected)?;
             }
-            let bundle = Arc::new(Bundle::load_with(&m.path, Rewrites::for_path(m.int8))?);
+            let rewrites =
+                Rewrites::for_model(m.int8, m.kernel.named()).map_err(crate::Error::Kernel)?;
+            let bundle = Arc::new(Bundle::load_with(&m.path, rewrites)?);
             log::info!(
-                "model {name}: {} ({}, {} labels) loaded in {:.2} s, int8 path: {}",
+                "model {name}: {} ({}, {} labels) loaded in {:.2} s, int8 path: {}{}",
                 m.path.display(),
                 bundle.config.task.as_str(),
                 bundle.config.labels.len(),
                 started.elapsed().as_secs_f64(),
-                bundle.engine.info().int8_path
+                bundle.engine.info().int8_path,
+                kernels_note(&bundle.engine.info().rewrites.int8_kernels)
             );
             loaded.insert(name.clone(), Loaded { bundle, stamp });
         }

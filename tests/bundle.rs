@@ -212,7 +212,7 @@ fn int8_paths_agree() {
         let per_tensor = load(
             &dir,
             Int8Rewrite::Fused {
-                kernel: anotador::engine::qmatmul::KernelKind::Linalg,
+                kernel: anotador::engine::qmatmul::KernelKind::Tract,
                 range: ActivationRange::Tensor,
             },
         );

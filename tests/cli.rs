@@ -198,3 +198,141 @@ fn eval_scores_conll_through_the_same_path() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `anotador bench`: one row per kernel this CPU runs and `dequantize`, each timed in
+/// a child process, and the fastest written into a copy of the shipped configuration
+/// without losing its comments.
+#[test]
+fn bench_times_every_kernel_here_and_writes_the_fastest() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::temp_dir().join(format!("anotador-bench-{}", std::process::id()));
+    // The shipped file's bundle paths are relative to it (../models/…).
+    std::fs::create_dir_all(dir.join("config")).unwrap();
+    std::os::unix::fs::symlink(root.join("models"), dir.join("models")).ok();
+    let config = dir.join("config/anotador.toml");
+    let shipped = std::fs::read_to_string(root.join("config/anotador.toml")).unwrap();
+    std::fs::write(&config, &shipped).unwrap();
+    let model = root.join("models/ner-es");
+    let (stdout, stderr, ok) = anotador(
+        &[
+            "bench",
+            "--model",
+            model.to_str().unwrap(),
+            "--seconds",
+            "0",
+            "--messages",
+            "3",
+            "--json",
+            "--write-config",
+            config.to_str().unwrap(),
+            "--name",
+            "ner",
+        ],
+        b"",
+    );
+    assert!(ok, "{stderr}");
+    let rows: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let expected: Vec<String> = anotador::bench::Candidate::all_here()
+        .iter()
+        .map(|c| c.name().to_string())
+        .collect();
+    let got: Vec<String> = rows
+        .iter()
+        .map(|r| r["candidate"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got, expected, "{stdout}");
+    for r in &rows {
+        assert_eq!(r["messages"], 3, "{r}");
+        assert!(r["tokens"].as_u64().unwrap() > 10, "{r}");
+        assert!(r["ms_per_message"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["rss_mib"].as_f64().unwrap() > 1.0, "{r}");
+        // Each child loaded its candidate: the kernels it reports are that one's.
+        let kernels = r["kernels"].as_object().unwrap();
+        assert!(!kernels.is_empty(), "{r}");
+        let name = r["candidate"].as_str().unwrap();
+        if name != "dequantize" {
+            assert!(
+                kernels
+                    .keys()
+                    .all(|k| k.starts_with(name) || k.starts_with("tract")),
+                "{r}"
+            );
+        }
+    }
+    let best = rows
+        .iter()
+        .min_by(|a, b| {
+            a["ms_per_message"]
+                .as_f64()
+                .unwrap()
+                .total_cmp(&b["ms_per_message"].as_f64().unwrap())
+        })
+        .unwrap()["candidate"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let written = std::fs::read_to_string(&config).unwrap();
+    let parsed: toml::Table = toml::from_str(&written).unwrap();
+    let ner = &parsed["models"]["ner"];
+    if best == "dequantize" {
+        assert_eq!(ner["int8"].as_str(), Some("dequantize"), "{written}");
+    } else {
+        assert_eq!(ner["kernel"].as_str(), Some(best.as_str()), "{written}");
+    }
+    let comments = |s: &str| {
+        s.lines()
+            .filter(|l| l.trim_start().starts_with('#'))
+            .count()
+    };
+    assert_eq!(comments(&written), comments(&shipped));
+    // The file it wrote is one the daemon accepts.
+    let (out, err, ok) = anotador(&["check", "--config", config.to_str().unwrap()], b"");
+    assert!(ok, "{out}{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `--kernel` forces the kernel (the engine report says so); a name that is no kernel,
+/// or one this CPU lacks, is refused with the reason.
+#[test]
+fn kernel_flag_forces_the_kernel_and_refuses_what_cannot_run() {
+    let model = fixture("bert-token");
+    for kernel in anotador::engine::KernelKind::ALL {
+        let (stdout, stderr, ok) = anotador(
+            &[
+                "check",
+                "--model",
+                model.to_str().unwrap(),
+                "--int8",
+                "native",
+                "--kernel",
+                kernel.name(),
+            ],
+            b"",
+        );
+        if kernel.available() {
+            assert!(ok, "{kernel}: {stderr}");
+            assert!(
+                stdout.contains(&format!("\"{kernel} (")),
+                "{kernel}: {stdout}"
+            );
+        } else {
+            assert!(!ok, "{kernel} ran on a CPU without it: {stdout}");
+            assert!(stderr.contains("does not run on this CPU"), "{stderr}");
+        }
+    }
+    let (_, stderr, ok) = anotador(
+        &[
+            "check",
+            "--model",
+            model.to_str().unwrap(),
+            "--kernel",
+            "sse9",
+        ],
+        b"",
+    );
+    assert!(!ok);
+    assert!(stderr.contains("expected auto or one of"), "{stderr}");
+}

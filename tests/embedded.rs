@@ -108,7 +108,7 @@ fn text(p: &Publish) -> String {
     String::from_utf8_lossy(&p.payload).into_owned()
 }
 
-/// What rumqttd 0.20 failed (see the README): the daemon sets Receive Maximum to
+/// What rumqttd 0.20 failed (see docs/broker.md): the daemon sets Receive Maximum to
 /// `daemon.queue` and acknowledges in whatever order its workers finish.
 #[test]
 fn embedded_broker_honours_receive_maximum_and_acks_in_any_order() {
@@ -527,4 +527,292 @@ fn embedded_broker_and_responses_config_errors_name_the_key() {
             run(&base.replace("responses = \"reply/#\"", &format!("responses = \"{bad}\"")));
         assert!(!ok && out.contains("routes[0].responses"), "{bad}: {out}");
     }
+}
+
+/// The 3.1.1 CONNACK these credentials get: Ok, or the refusal.
+fn connack(port: u16, id: &str, credentials: Option<(&str, &str)>) -> Result<(), String> {
+    let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    if let Some((user, password)) = credentials {
+        o.set_credentials(user, password);
+    }
+    let (_client, mut connection) = rumqttc::Client::new(o, 10);
+    for event in connection.iter() {
+        match event {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => {
+                return match a.code {
+                    rumqttc::ConnectReturnCode::Success => Ok(()),
+                    code => Err(format!("{code:?}")),
+                }
+            }
+            Err(e) => return Err(e.to_string()),
+            Ok(_) => {}
+        }
+    }
+    Err("connection ended".into())
+}
+
+/// `mosquitto_pub -V mqttv5` as `user`: whether the broker took the publish.
+fn pub_v5(port: u16, user: &str, password: &str, topic: &str, message: &str) -> bool {
+    Command::new("mosquitto_pub")
+        .args(["-V", "mqttv5", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "-u", user, "-P", password, "-q", "1", "-t", topic, "-m", message,
+        ])
+        .status()
+        .expect("mosquitto_pub (Debian's mosquitto-clients) is needed")
+        .success()
+}
+
+fn passwd(file: &std::path::Path, user: &str, password: &str) {
+    use std::io::Write;
+    let mut child = Command::new(anotador_bin())
+        .args(["passwd", file.to_str().unwrap(), user, "--stdin"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+/// A listener on every interface: `check` refuses it without a password file (naming
+/// the key and both ways out); with `anotador passwd` users and an ACL, anonymous and
+/// wrong passwords are refused, a sensor publishes only to its own input topic and
+/// reads nothing, a dashboard reads the results and the status, nobody but the
+/// daemon writes the status; MQTT 3.1.1 and 5; a user removed from the file is
+/// refused after SIGHUP, and a broken file is refused by the reload, keeping the old.
+#[test]
+fn network_listener_needs_users_and_each_user_gets_its_rights_only() {
+    let dir = TempDir::new("users");
+    let config = write_config_embedded(&dir.0, "0.0.0.0:0", "users-daemon", None);
+    let refused = Command::new(anotador_bin())
+        .args(["check", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    for needle in [
+        "broker.embedded.listen",
+        "password_file",
+        "allow_anonymous = true",
+    ] {
+        assert!(why.contains(needle), "{needle}: {why}");
+    }
+
+    let pw = dir.0.join("passwd");
+    passwd(&pw, "sensor1", "uno-1");
+    passwd(&pw, "dashboard", "dos-2");
+    passwd(&pw, "sensor2", "tres-3");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&pw).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let acl = dir.0.join("acl");
+    std::fs::write(
+        &acl,
+        "# each sensor writes its own input topic only\n\
+         user * topic in/ner/%u permission write\n\
+         user dashboard topic out/# permission read\n\
+         user dashboard topic anotador/# permission read\n",
+    )
+    .unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "password_file = \"{}\"\nacl_file = \"{}\"\n",
+        pw.display(),
+        acl.display()
+    ));
+    std::fs::write(&config, &text).unwrap();
+    let mut daemon = Daemon::start(&config);
+    let port = embedded_port(&daemon);
+    assert!(daemon.log().contains("users of"), "{}", daemon.log());
+
+    assert!(connack(port, "anon", None).is_err(), "anonymous let in");
+    assert!(connack(port, "bad", Some(("sensor1", "wrong"))).is_err());
+    assert!(connack(port, "daemon-name", Some(("anotador-daemon", "guess"))).is_err());
+    assert!(!pub_v5(port, "sensor1", "wrong", "in/ner/sensor1", "x"));
+
+    let dashboard = Device::connect_with_credentials(port, "dash", "dashboard", "dos-2");
+    wait_online(&dashboard);
+    let sensor = Device::connect_with_credentials(port, "s1", "sensor1", "uno-1");
+    // Not its route, not the status: dropped by the broker (MQTT 3.1.1 has no way to
+    // say so); then its own topic, through 3.1.1 and 5, is answered.
+    sensor.publish(
+        "in/ner/sensor2",
+        r#"{"id": 1, "text": "Ana vive en Lima."}"#,
+    );
+    sensor
+        .client
+        .publish(
+            "anotador/t/status",
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            r#"{"status": "forged"}"#,
+        )
+        .unwrap();
+    sensor.publish(
+        "in/ner/sensor1",
+        r#"{"id": 2, "text": "Ana vive en Lima."}"#,
+    );
+    assert!(pub_v5(
+        port,
+        "sensor1",
+        "uno-1",
+        "in/ner/sensor1",
+        r#"{"id": 3, "text": "Juan está en Quito."}"#
+    ));
+    let got = dashboard.collect(Duration::from_secs(60), |g| {
+        g.iter().filter(|(t, _)| t == "out/ner/sensor1").count() >= 2
+    });
+    let ids: HashSet<i64> = got
+        .iter()
+        .filter(|(t, _)| t.starts_with("out/"))
+        .filter_map(|(_, v)| v["id"].as_i64())
+        .collect();
+    assert_eq!(ids, HashSet::from([2, 3]), "{got:?}");
+    assert!(
+        !got.iter().any(|(t, _)| t == "out/ner/sensor2"),
+        "another sensor's route was answered: {got:?}"
+    );
+    // The sensor's subscriptions (out/#, err/#, anotador/#) were refused: of the
+    // answers to its own messages it saw none.
+    let seen = sensor.collect(Duration::from_millis(500), |_| false);
+    assert!(seen.is_empty(), "the sensor read: {seen:?}");
+    let status = Device::connect_with_credentials(port, "dash2", "dashboard", "dos-2")
+        .collect(Duration::from_secs(10), |g| {
+            g.iter().any(|(t, _)| t == "anotador/t/status")
+        });
+    let status = status.iter().find(|(t, _)| t == "anotador/t/status");
+    assert_eq!(
+        status.map(|(_, v)| v["status"].clone()),
+        Some("online".into())
+    );
+
+    // sensor2 removed, then SIGHUP: refused from then on. A broken ACL on the next
+    // SIGHUP is refused by the reload, and sensor1 keeps working.
+    assert_eq!(connack(port, "s2", Some(("sensor2", "tres-3"))), Ok(()));
+    let kept: String = std::fs::read_to_string(&pw)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("sensor2:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&pw, kept).unwrap();
+    daemon.signal("-HUP");
+    assert!(
+        daemon.wait_log("users and rights read again", 1, Duration::from_secs(30)),
+        "{}",
+        daemon.log()
+    );
+    assert!(connack(port, "s2", Some(("sensor2", "tres-3"))).is_err());
+    std::fs::write(&acl, "user dashboard topic out/# permission reed\n").unwrap();
+    daemon.signal("-HUP");
+    assert!(
+        daemon.wait_log("not reloaded", 1, Duration::from_secs(30)),
+        "{}",
+        daemon.log()
+    );
+    assert!(pub_v5(
+        port,
+        "sensor1",
+        "uno-1",
+        "in/ner/sensor1",
+        r#"{"id": 4, "text": "Eva nació en Cuenca."}"#
+    ));
+    let got = dashboard.collect(Duration::from_secs(60), |g| {
+        g.iter().any(|(_, v)| v["id"] == 4)
+    });
+    assert!(got.iter().any(|(_, v)| v["id"] == 4), "{got:?}");
+    daemon.terminate();
+}
+
+/// `tls_listen` with a CA made here: `mosquitto_pub --cafile` with the client certificate
+/// CA-signed is answered over TLS; without a certificate (mutual TLS) or trusting
+/// another CA it is refused; the plain loopback listener keeps working beside it.
+#[test]
+fn tls_listener_with_client_certificates() {
+    let dir = TempDir::new("tls-embedded");
+    make_pki(&dir.0);
+    let config = write_config_embedded(&dir.0, "127.0.0.1:0", "tls-daemon", None);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    let file = |f: &str| dir.0.join(f).display().to_string();
+    text.push_str(&format!(
+        "tls_listen = \"127.0.0.1:0\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n",
+        file("server.pem"),
+        file("server.key"),
+        file("ca.pem")
+    ));
+    std::fs::write(&config, &text).unwrap();
+    let mut daemon = Daemon::start(&config);
+    let port = embedded_port(&daemon);
+    let needle = "embedded broker listening for TLS on ";
+    assert!(
+        daemon.wait_log(needle, 1, Duration::from_secs(30)),
+        "{}",
+        daemon.log()
+    );
+    let log = daemon.log();
+    let tls_port: u16 = log
+        .split(needle)
+        .nth(1)
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .map(|a| a.port())
+        .unwrap();
+    let reader = Device::connect(port, "tls-reader");
+    wait_online(&reader);
+    let publish = |extra: &[&str], id: i64| {
+        Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &tls_port.to_string(), "-q", "1"])
+            .args(["--cafile", &file("ca.pem")])
+            .args(extra)
+            .args(["-t", "in/ner/tls"])
+            .args([
+                "-m",
+                &format!(r#"{{"id": {id}, "text": "Ana vive en Lima."}}"#),
+            ])
+            .output()
+            .expect("mosquitto_pub")
+    };
+    let client = ["--cert", &file("client.pem"), "--key", &file("client.key")];
+    let ok = publish(&client, 1);
+    assert!(ok.status.success(), "{ok:?}\n{}", daemon.log());
+    let no_cert = publish(&[], 2);
+    assert!(
+        !no_cert.status.success(),
+        "mutual TLS let a client without a certificate in"
+    );
+    let got = reader.collect(Duration::from_secs(60), |g| {
+        g.iter().any(|(t, v)| t == "out/ner/tls" && v["id"] == 1)
+    });
+    assert!(
+        got.iter().any(|(t, v)| t == "out/ner/tls" && v["id"] == 1),
+        "{got:?}"
+    );
+    assert!(!got.iter().any(|(_, v)| v["id"] == 2), "{got:?}");
+    daemon.terminate();
+
+    // check: the TLS keys go together, and a non-loopback tls_listen needs users.
+    let broken = text.replace(&format!("key_file = \"{}\"\n", file("server.key")), "");
+    std::fs::write(&config, broken).unwrap();
+    let out = Command::new(anotador_bin())
+        .args(["check", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("broker.embedded.key_file"),
+        "{err}"
+    );
+    let open = text.replace("tls_listen = \"127.0.0.1:0\"", "tls_listen = \"0.0.0.0:0\"");
+    std::fs::write(&config, open).unwrap();
+    let out = Command::new(anotador_bin())
+        .args(["check", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("broker.embedded.tls_listen"),
+        "{err}"
+    );
 }

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use anotador::bundle::{Aggregation, ScoreFunction};
-use anotador::engine::{ActivationRange, Int8Rewrite, Logits, Rewrites};
+use anotador::engine::{ActivationRange, Int8Rewrite, KernelKind, Logits, Rewrites};
 use anotador::tasks::{Output, TaskOptions};
 use anotador::{Annotator, Bundle};
 use serde::Deserialize;
@@ -283,34 +283,35 @@ fn windows_and_their_merge_reproduce_pipeline_from_fp32_logits() {
 /// left of the difference comes from the fp32 ops around the matmuls.
 #[test]
 fn tract_int8_agrees_with_onnxruntime_and_torch() {
-    let fused = |range| Rewrites {
-        int8: Int8Rewrite::Fused {
-            kernel: anotador::engine::native_kernel(),
-            range,
-        },
+    let fused = |kernel, range| Rewrites {
+        int8: Int8Rewrite::Fused { kernel, range },
         ..Rewrites::default()
     };
-    let paths = [
-        (
-            "native int8, per-row range (default)",
-            fused(ActivationRange::Row),
-        ),
-        (
-            "native int8, per-tensor range",
-            fused(ActivationRange::Tensor),
-        ),
-        (
-            "dequantized",
-            Rewrites {
-                int8: Int8Rewrite::Dequantize,
-                ..Rewrites::default()
-            },
-        ),
-    ];
+    // Every int8 kernel this CPU runs, per row (the default) and per tensor
+    // (onnxruntime's own arithmetic), then the dequantized path.
+    let mut paths = Vec::new();
+    for kernel in KernelKind::available_here() {
+        paths.push((
+            format!("native int8 ({kernel}), per-row range (default)"),
+            fused(kernel, ActivationRange::Row),
+        ));
+        paths.push((
+            format!("native int8 ({kernel}), per-tensor range"),
+            fused(kernel, ActivationRange::Tensor),
+        ));
+    }
+    paths.push((
+        "dequantized".to_string(),
+        Rewrites {
+            int8: Int8Rewrite::Dequantize,
+            ..Rewrites::default()
+        },
+    ));
     for name in FIXTURES {
         let g = golden(name);
         let per_token = g.task == "token-classification";
-        for (path, rewrites) in paths {
+        for (path, rewrites) in &paths {
+            let rewrites = *rewrites;
             let bundle = Arc::new(Bundle::load_with(dir(name), rewrites).unwrap());
             let a = Annotator::new(bundle, &TaskOptions::default()).unwrap();
             let mut state = a.bundle().engine.state().unwrap();

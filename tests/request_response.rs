@@ -221,30 +221,93 @@ fn quick_start_runs_the_shipped_config_and_ask_prints_entities() {
     let daemon = Daemon::start(&config);
     let port = embedded_port(&daemon);
 
-    let out = ask(port, &[TEXT], "");
+    // The README's example, as printed there: the text, then each entity's group,
+    // word and offsets and the token count must be what `ask` prints now.
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let (text, shown) = readme_ask_example(&readme);
+    assert_eq!(text, TEXT, "the README's ask example changed its text");
+    let out = ask(port, &[&text], "");
     assert!(out.status.success(), "{out:?}\n{}", daemon.log());
     let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(answer["model"], "ner-es", "{answer}");
-    let entities: Vec<(String, String)> = answer["result"]
+    let printed = entities_of(&answer);
+    assert_eq!(
+        (printed, answer["tokens"].as_u64()),
+        shown,
+        "README.md's ask example no longer matches what ask prints: update it"
+    );
+    // The README's `annotate` line prints the same, without a broker.
+    let mut child = std::process::Command::new(anotador_bin())
+        .args(["annotate", "--model"])
+        .arg(root.join("models/ner-es"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    writeln!(child.stdin.take().unwrap(), "{text}").unwrap();
+    let line = child.wait_with_output().unwrap().stdout;
+    let annotated: Value = serde_json::from_slice(&line).unwrap();
+    assert_eq!(
+        (entities_of(&annotated), annotated["tokens"].as_u64()),
+        shown,
+        "{annotated}"
+    );
+    // The text never reaches the log at info.
+    assert!(!daemon.log().contains("Sevilla"), "{}", daemon.log());
+}
+
+type Entity = (String, String, u64, u64);
+
+/// (group, word, start, end) of each entity of an answer.
+fn entities_of(answer: &Value) -> Vec<Entity> {
+    answer["result"]
         .as_array()
         .unwrap()
         .iter()
         .map(|e| {
             (
-                e["word"].as_str().unwrap().to_string(),
                 e["entity_group"].as_str().unwrap().to_string(),
+                e["word"].as_str().unwrap().to_string(),
+                e["start"].as_u64().unwrap(),
+                e["end"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The README's `ask` example: its text, and the entities and token count it shows
+/// (scores and timings are elided there with `…`).
+fn readme_ask_example(readme: &str) -> (String, (Vec<Entity>, Option<u64>)) {
+    let start = readme
+        .find("$ cargo run --release -- ask \"")
+        .expect("README.md has the ask example");
+    let block = &readme[start..];
+    let block = &block[..block.find("```").expect("its code block ends")];
+    let text = block.split('"').nth(1).unwrap().to_string();
+    let field = |item: &str, key: &str| -> String {
+        let at = item.find(&format!("\"{key}\":")).unwrap() + key.len() + 3;
+        item[at..]
+            .split([',', '}'])
+            .next()
+            .unwrap()
+            .trim_matches('"')
+            .to_string()
+    };
+    let entities = block
+        .split("{\"entity_group\"")
+        .skip(1)
+        .map(|item| {
+            let item = format!("{{\"entity_group\"{item}");
+            (
+                field(&item, "entity_group"),
+                field(&item, "word"),
+                field(&item, "start").parse().unwrap(),
+                field(&item, "end").parse().unwrap(),
             )
         })
         .collect();
-    println!("{entities:?}");
-    for expected in [("Sevilla", "LOC"), ("EFE", "ORG")] {
-        assert!(
-            entities
-                .iter()
-                .any(|(w, g)| w == expected.0 && g == expected.1),
-            "{expected:?} not in {entities:?}"
-        );
-    }
-    // The text never reaches the log at info.
-    assert!(!daemon.log().contains("Sevilla"), "{}", daemon.log());
+    let tokens = field(block, "tokens").parse().ok();
+    (text, (entities, tokens))
 }

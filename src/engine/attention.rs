@@ -213,6 +213,7 @@ impl MaskLayout {
     }
 }
 
+#[derive(Clone, Copy)]
 struct Inputs<'a> {
     q: &'a [f32],
     k: &'a [f32],
@@ -229,21 +230,35 @@ const LANES: usize = 8;
 
 fn attend(shape: &Shape, scale: f32, inputs: Inputs, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: both features were just detected.
-        unsafe { attend_avx2(shape, scale, inputs, out) };
-        return;
+    {
+        use super::simd::Level;
+        match super::simd::level() {
+            // SAFETY: `level()` never exceeds what this CPU was detected to have.
+            Level::Avx512 => return unsafe { attend_avx512(shape, scale, inputs, out) },
+            // SAFETY: as above.
+            Level::Avx2 => return unsafe { attend_avx2(shape, scale, inputs, out) },
+            Level::Baseline => {}
+        }
     }
     // aarch64 has fused multiply-add in every core; elsewhere `mul_add` would be a
     // libm call per element.
     attend_generic::<{ cfg!(target_arch = "aarch64") }>(shape, scale, inputs, out)
 }
 
-/// The same code compiled for AVX2 and FMA: the 4 × 8 accumulator tiles below
-/// become four registers and `mul_add` one instruction.
+/// The same code compiled for AVX2 and FMA: the 4 × 16 accumulator tiles below
+/// become eight registers and `mul_add` one instruction. (Not `multiversion!`:
+/// the baseline copy differs, without FMA.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_avx2(shape: &Shape, scale: f32, inputs: Inputs, out: &mut [f32]) {
+    attend_generic::<true>(shape, scale, inputs, out)
+}
+
+/// And for AVX-512: a 16-column tile row is one register. The same operations in
+/// the same order per element, so the same bits as AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+unsafe fn attend_avx512(shape: &Shape, scale: f32, inputs: Inputs, out: &mut [f32]) {
     attend_generic::<true>(shape, scale, inputs, out)
 }
 
@@ -485,6 +500,7 @@ fn exp_nonpositive(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::simd::{supported, with_level, Level};
 
     /// The graph's attention in f64, head by head, from the definition.
     fn reference(shape: &Shape, scale: f32, x: &Inputs) -> Vec<f64> {
@@ -563,16 +579,27 @@ mod tests {
                 mask_layout,
             };
             let want = reference(&shape, 0.2, &inputs);
-            let mut got = vec![f32::NAN; n];
-            attend(&shape, 0.2, inputs, &mut got);
-            let worst = want
-                .iter()
-                .zip(&got)
-                .map(|(w, &g)| (w - g as f64).abs())
-                .fold(0.0, f64::max);
-            // Scores reach ~90 here (64 products of values up to 2.6): f32 holds
-            // them to ~1e-5, and outputs of magnitude ~2.6 inherit that.
-            assert!(worst < 5e-5, "{shape:?}: off by {worst}");
+            // Every SIMD level this CPU has; those with FMA agree to the bit.
+            let mut fused: Vec<Vec<f32>> = Vec::new();
+            for level in supported() {
+                let mut got = vec![f32::NAN; n];
+                with_level(level, || attend(&shape, 0.2, inputs, &mut got));
+                let worst = want
+                    .iter()
+                    .zip(&got)
+                    .map(|(w, &g)| (w - g as f64).abs())
+                    .fold(0.0, f64::max);
+                // Scores reach ~90 here (64 products of values up to 2.6): f32 holds
+                // them to ~1e-5, and outputs of magnitude ~2.6 inherit that.
+                assert!(worst < 5e-5, "{shape:?} {level:?}: off by {worst}");
+                if level >= Level::Avx2 {
+                    fused.push(got);
+                }
+            }
+            assert!(
+                fused.windows(2).all(|w| w[0] == w[1]),
+                "{shape:?}: levels differ"
+            );
         }
     }
 

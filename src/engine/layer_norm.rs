@@ -8,6 +8,8 @@
 //! model that took a fifth of the time outside the matmuls.
 
 use tract_onnx::prelude::*;
+
+use super::simd::multiversion;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_hir::internal::*;
 
@@ -148,29 +150,22 @@ impl Expansion for LayerNorm {
     }
 }
 
-fn add_in_place(a: &mut [f32], b: &[f32]) {
+#[inline(always)]
+fn add_rows(a: &mut [f32], b: &[f32]) {
     for (x, y) in a.iter_mut().zip(b) {
         *x += y;
     }
 }
 
-/// Each row of `h` values normalised in place.
-fn normalize(x: &mut [f32], h: usize, epsilon: f32, scale: &[f32], bias: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the feature was just detected.
-        unsafe { normalize_avx2(x, h, epsilon, scale, bias) };
-        return;
-    }
-    normalize_rows(x, h, epsilon, scale, bias)
+multiversion! {
+    /// `a += b`, the residual add before the norm.
+    fn add_in_place(a: &mut [f32], b: &[f32]) => add_rows
 }
 
-/// The same code compiled for AVX2: LLVM widens the eight-lane sums below to
-/// one register.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn normalize_avx2(x: &mut [f32], h: usize, epsilon: f32, scale: &[f32], bias: &[f32]) {
-    normalize_rows(x, h, epsilon, scale, bias)
+multiversion! {
+    /// Each row of `h` values normalised in place; the eight-lane sums below are one
+    /// register at AVX2, and the per-element pass two or one at AVX-512.
+    fn normalize(x: &mut [f32], h: usize, epsilon: f32, scale: &[f32], bias: &[f32]) => normalize_rows
 }
 
 #[inline(always)]
@@ -215,17 +210,23 @@ mod tests {
             .collect();
         let scale: Vec<f32> = (0..h).map(|i| 0.5 + i as f32 / 50.0).collect();
         let bias: Vec<f32> = (0..h).map(|i| i as f32 / 100.0 - 0.1).collect();
-        let mut ours = x.clone();
-        normalize(&mut ours, h, 1e-5, &scale, &bias);
-        for (row, got) in x.chunks(h).zip(ours.chunks(h)) {
-            let n = h as f64;
-            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
-            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-            for (i, (&v, &g)) in row.iter().zip(got).enumerate() {
-                let want =
-                    (v as f64 - mean) / (var + 1e-5).sqrt() * scale[i] as f64 + bias[i] as f64;
-                assert!((want - g as f64).abs() < 1e-5, "{want} vs {g}");
+        // Every SIMD level this CPU has, the same bits at each.
+        let mut levels: Vec<Vec<f32>> = Vec::new();
+        for level in crate::engine::simd::supported() {
+            let mut ours = x.clone();
+            crate::engine::simd::with_level(level, || normalize(&mut ours, h, 1e-5, &scale, &bias));
+            for (row, got) in x.chunks(h).zip(ours.chunks(h)) {
+                let n = h as f64;
+                let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
+                let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                for (i, (&v, &g)) in row.iter().zip(got).enumerate() {
+                    let want =
+                        (v as f64 - mean) / (var + 1e-5).sqrt() * scale[i] as f64 + bias[i] as f64;
+                    assert!((want - g as f64).abs() < 1e-5, "{level:?}: {want} vs {g}");
+                }
             }
+            levels.push(ours);
         }
+        assert!(levels.windows(2).all(|w| w[0] == w[1]), "levels differ");
     }
 }

@@ -8,6 +8,7 @@ mod attention;
 mod layer_norm;
 pub mod qmatmul;
 mod rewrite;
+pub mod simd;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::SimpleState;
 use tract_onnx::tract_hir::infer::InferenceFact;
 
-pub use qmatmul::{ActivationRange, KernelKind};
+pub use qmatmul::{ActivationRange, KernelChoice, KernelKind};
 pub use rewrite::{Int8Rewrite, RewriteReport, Rewrites};
 
 use crate::error::{Error, Result};
@@ -124,49 +125,34 @@ impl std::str::FromStr for Int8Path {
 }
 
 impl Int8Path {
-    /// The rewrite this choice means on this CPU.
-    pub fn rewrite(self) -> Int8Rewrite {
-        let native = Int8Rewrite::Fused {
-            kernel: native_kernel(),
+    /// The rewrite this choice means on this CPU, with `kernel` (`None`: auto) for
+    /// the native path. A kernel this CPU cannot run, or one named with
+    /// `dequantize`, is refused with the kernels that would do.
+    pub fn rewrite(self, kernel: Option<KernelKind>) -> std::result::Result<Int8Rewrite, String> {
+        let native = |kernel: KernelKind| Int8Rewrite::Fused {
+            kernel,
             range: ActivationRange::Row,
         };
-        match self {
-            Int8Path::Native => native,
-            Int8Path::Dequantize => Int8Rewrite::Dequantize,
-            Int8Path::Auto if int8_beats_fp32() => native,
-            Int8Path::Auto => Int8Rewrite::Dequantize,
+        match (self, kernel) {
+            (Int8Path::Dequantize, None) => Ok(Int8Rewrite::Dequantize),
+            (Int8Path::Dequantize, Some(k)) => Err(format!(
+                "the {k} kernel multiplies int8 weights; with int8 = \"dequantize\" there are none (use kernel = \"auto\")"
+            )),
+            (_, Some(k)) if !k.available() => {
+                let here: Vec<&str> = KernelKind::available_here()
+                    .iter()
+                    .map(|k| k.name())
+                    .collect();
+                Err(format!(
+                    "the {k} kernel does not run on this CPU ({}); it has: {}",
+                    simd::features().join(" "),
+                    here.join(", ")
+                ))
+            }
+            (_, Some(k)) => Ok(native(k)),
+            (Int8Path::Native, None) => Ok(native(KernelKind::auto().unwrap_or(KernelKind::Tract))),
+            (Int8Path::Auto, None) => Ok(KernelKind::auto().map_or(Int8Rewrite::Dequantize, native)),
         }
-    }
-}
-
-/// The int8 kernel for this CPU: ours on x86 with AVX2 but no VNNI/AMX (tract's
-/// AVX2 int8 kernel is slower than its f32 one there), tract-linalg's elsewhere.
-pub fn native_kernel() -> KernelKind {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // Every AMX CPU also has AVX-512 VNNI (and AMX detection is unstable in std).
-        let vnni = std::arch::is_x86_feature_detected!("avx512vnni")
-            || std::arch::is_x86_feature_detected!("avxvnni");
-        if !vnni && std::arch::is_x86_feature_detected!("avx2") {
-            return KernelKind::Avx2;
-        }
-    }
-    KernelKind::Linalg
-}
-
-/// Whether `auto` goes native: wherever an int8 kernel is known to beat fp32
-/// (see the README's table). x86 needs AVX2 at least (without it, tract's
-/// int8 kernel is the 128-bit one, slower than fp32). ARM always: SDOT
-/// (ARMv8.2, the Pi 5) and SMLAL (the Pi 3/4, armv7 NEON) kernels do 2–4× the
-/// multiply-adds per instruction of fp32, and small boards need the memory.
-pub fn int8_beats_fp32() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        true
     }
 }
 
@@ -289,7 +275,7 @@ impl Engine {
         // empty); with a symbolic batch both stay generic copies and broadcasts,
         // and one 64-token window of the default model took 20–25 % longer. Batching
         // windows bought nothing besides: the int8 matmuls are as fast row by row
-        // (README: the speed section).
+        // (docs/performance.md: the speed section).
         let seq = model.symbols.sym("S");
         model
             .symbols

@@ -100,12 +100,21 @@ impl Default for Rewrites {
 }
 
 impl Rewrites {
-    /// Every rewrite, with the int8 path this choice means on this CPU.
-    pub fn for_path(int8: super::Int8Path) -> Rewrites {
-        Rewrites {
-            int8: int8.rewrite(),
+    /// Every rewrite, with the int8 path of `int8` with `kernel` (`None`: auto) on this CPU; see
+    /// [`super::Int8Path::rewrite`] for what is refused.
+    pub fn for_model(
+        int8: super::Int8Path,
+        kernel: Option<KernelKind>,
+    ) -> std::result::Result<Rewrites, String> {
+        Ok(Rewrites {
+            int8: int8.rewrite(kernel)?,
             ..Rewrites::default()
-        }
+        })
+    }
+
+    /// [`Rewrites::for_model`] with this CPU's kernel.
+    pub fn for_path(int8: super::Int8Path) -> Rewrites {
+        Rewrites::for_model(int8, None).expect("auto always has a rewrite")
     }
 }
 

@@ -903,7 +903,11 @@ impl AckedPublisher {
             self.client
                 .publish(topic, QoS::AtLeastOnce, false, payload.clone())
                 .unwrap();
-            let ack = self.acks.lock().unwrap().recv_timeout(Duration::from_secs(30));
+            let ack = self
+                .acks
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(30));
             if ack.is_ok() {
                 self.acked.lock().unwrap().insert(id);
                 return;
@@ -997,4 +1001,88 @@ pub fn answered_ids(got: &[(String, Value)]) -> std::collections::HashSet<i64> {
         .filter(|(t, _)| t.starts_with("out/"))
         .filter_map(|(_, v)| v["id"].as_i64())
         .collect()
+}
+
+/// `openssl ARGS…` in `dir` (Debian's openssl, on every CI machine).
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl on PATH");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1, and a client certificate.
+pub fn make_pki(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=anotador-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    for who in ["server", "client"] {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={who}"),
+                "-keyout",
+                &format!("{who}.key"),
+                "-out",
+                &format!("{who}.csr"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{who}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+                "-out",
+                &format!("{who}.pem"),
+            ],
+        );
+    }
+    // Mosquitto started as root drops to its own user: it must be able to read the
+    // (throw-away) server key.
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["server.key", "client.key"] {
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
 }

@@ -19,9 +19,17 @@
 mod act;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod epilogue;
 mod linalg;
+#[cfg(target_arch = "x86_64")]
+mod panels;
 pub mod quant;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+mod rten;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,21 +49,174 @@ pub enum ActivationRange {
     Tensor,
 }
 
-/// Which int8 kernel multiplies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+/// Which int8 kernel multiplies (`models.NAME.kernel`, `--kernel`). Every kernel is
+/// compiled into every x86-64 binary and chosen at run time; the ARM builds have
+/// `rten` and `tract`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum KernelKind {
-    /// Our exact AVX2 kernel (x86 without VNNI).
+    /// anotador's, `vpdpbusd` on 512-bit registers (`vnni.rs`).
+    Avx512Vnni,
+    /// anotador's, `vpdpbusd` on 256-bit registers, for AVX-VNNI without AVX-512.
+    AvxVnni,
+    /// anotador's exact AVX2 kernel for x86 without VNNI (`avx2.rs`).
     Avx2,
-    /// tract-linalg's i8 kernel for this CPU.
-    Linalg,
+    /// rten-gemm's u8×i8 kernel for this CPU, where it is exact.
+    Rten,
+    /// tract-linalg's i8×i8 kernel for this CPU (AMX, VNNI, SDOT, SMLAL, armv7 NEON).
+    Tract,
+}
+
+impl KernelKind {
+    pub const ALL: [KernelKind; 5] = [
+        KernelKind::Avx512Vnni,
+        KernelKind::AvxVnni,
+        KernelKind::Avx2,
+        KernelKind::Rten,
+        KernelKind::Tract,
+    ];
+
+    /// The name in configurations, on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelKind::Avx512Vnni => "avx512-vnni",
+            KernelKind::AvxVnni => "avx-vnni",
+            KernelKind::Avx2 => "avx2",
+            KernelKind::Rten => "rten",
+            KernelKind::Tract => "tract",
+        }
+    }
+
+    /// Whether this CPU runs it.
+    pub fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx512Vnni => vnni::avx512_available(),
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::AvxVnni => vnni::avx_available(),
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx2 => avx2::available(),
+            #[cfg(not(target_arch = "x86_64"))]
+            KernelKind::Avx512Vnni | KernelKind::AvxVnni | KernelKind::Avx2 => false,
+            #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+            KernelKind::Rten => rten::kernel_name().is_some(),
+            #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+            KernelKind::Rten => false,
+            KernelKind::Tract => true,
+        }
+    }
+
+    /// The kernels this CPU runs.
+    pub fn available_here() -> Vec<KernelKind> {
+        KernelKind::ALL
+            .into_iter()
+            .filter(|k| k.available())
+            .collect()
+    }
+
+    /// What `kernel = "auto"` runs on this CPU, measured per instruction set (docs/performance.md,
+    /// "Which kernel runs where"); `None` where no int8 kernel beats fp32 (x86
+    /// without AVX2), so `int8 = "auto"` dequantizes there.
+    pub fn auto() -> Option<KernelKind> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            [
+                KernelKind::Avx512Vnni,
+                KernelKind::AvxVnni,
+                KernelKind::Avx2,
+            ]
+            .into_iter()
+            .find(|k| k.available())
+        }
+        // ARM: tract-linalg's kernels cover every board (SDOT on the Pi 5, SMLAL on the
+        // Pi 3/4, NEON on armv7); rten-gemm's are there to compare with `anotador bench`.
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Some(KernelKind::Tract)
+        }
+    }
+}
+
+impl std::fmt::Display for KernelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for KernelKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<KernelKind, String> {
+        KernelKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = KernelKind::ALL.iter().map(|k| k.name()).collect();
+                format!("`{s}`: expected auto or one of {}", names.join(", "))
+            })
+    }
+}
+
+/// `kernel = "auto" | NAME` (config) and `--kernel` (command line).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum KernelChoice {
+    /// [`KernelKind::auto`] on this CPU.
+    #[default]
+    Auto,
+    Named(KernelKind),
+}
+
+impl KernelChoice {
+    pub fn named(self) -> Option<KernelKind> {
+        match self {
+            KernelChoice::Auto => None,
+            KernelChoice::Named(k) => Some(k),
+        }
+    }
+}
+
+impl std::str::FromStr for KernelChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<KernelChoice, String> {
+        match s {
+            "auto" => Ok(KernelChoice::Auto),
+            name => name.parse().map(KernelChoice::Named),
+        }
+    }
+}
+
+impl std::fmt::Display for KernelChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KernelChoice::Auto => f.write_str("auto"),
+            KernelChoice::Named(k) => f.write_str(k.name()),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for KernelChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<KernelChoice, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl serde::Serialize for KernelChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 #[derive(Debug)]
 enum Kernel {
     #[cfg(target_arch = "x86_64")]
-    Avx2(avx2::Packed),
-    Linalg(linalg::Packed),
+    Avx512Vnni(panels::Panels),
+    #[cfg(target_arch = "x86_64")]
+    AvxVnni(panels::Panels),
+    #[cfg(target_arch = "x86_64")]
+    Avx2(panels::Panels),
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    Rten(rten::Packed),
+    Tract(linalg::Packed),
 }
 
 /// One int8 weight matrix with everything its dequantization needs.
@@ -80,13 +241,24 @@ pub enum Activation {
     GeluTanh,
 }
 
-/// Per-row scale and shift correction, with per-column sums, scales and bias.
+/// The activation bytes a kernel's sums were taken over, which decides the
+/// zero-point correction added back per row (`corr · Σ w`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operand {
+    /// `q − 128` (signed bytes: AVX2, tract): `corr = 128 − zp`.
+    Shifted,
+    /// `q` (unsigned bytes: VNNI, rten-gemm): `corr = −zp`.
+    Unsigned,
+}
+
+/// Per-row scale and zero point, with per-column sums, scales and bias.
 pub struct Epilogue<'a> {
     pub colsum: &'a [i32],
     pub wscale: &'a [f32],
     pub bias: &'a [f32],
     /// One entry per row, or one for the whole tensor.
     pub rows: &'a [Params],
+    pub operand: Operand,
     pub activation: Activation,
 }
 
@@ -98,20 +270,25 @@ impl Epilogue<'_> {
         } else {
             self.rows[r]
         };
-        (p.shift_correction(), p.scale)
+        let corr = match self.operand {
+            Operand::Shifted => p.shift_correction(),
+            Operand::Unsigned => -p.zero_point,
+        };
+        (corr, p.scale)
     }
 }
 
 impl QWeights {
     /// `w` is `[K, N]` row-major int8 with zero point 0; `scale` has 1 or N values;
-    /// `bias` has N. `prefer` is the kernel to use where it can take the weights.
+    /// `bias` has N. `kind` must be available on this CPU; a matrix the AVX2 kernel
+    /// cannot take (a weight of −128) goes to tract-linalg.
     pub fn new(
         w: &[i8],
         k: usize,
         n: usize,
         scale: &[f32],
         bias: Option<&[f32]>,
-        prefer: KernelKind,
+        kind: KernelKind,
     ) -> TractResult<QWeights> {
         ensure!(
             w.len() == k * n,
@@ -119,6 +296,10 @@ impl QWeights {
             w.len()
         );
         ensure!(scale.len() == 1 || scale.len() == n, "weight scale length");
+        ensure!(
+            kind.available(),
+            "the {kind} int8 kernel does not run on this CPU"
+        );
         let padded = n.div_ceil(16) * 16;
         let mut colsum = vec![0i32; padded];
         for row in w.chunks_exact(n) {
@@ -131,13 +312,16 @@ impl QWeights {
         let mut b = bias.map_or_else(|| vec![0.0; n], <[f32]>::to_vec);
         ensure!(b.len() == n, "bias length");
         b.resize(padded, 0.0);
-        let kernel = match prefer {
+        let kernel = match kind {
             #[cfg(target_arch = "x86_64")]
-            KernelKind::Avx2 if avx2::available() => match avx2::Packed::new(w, k, n) {
-                Some(p) => Kernel::Avx2(p),
-                None => Kernel::Linalg(linalg::Packed::new(w, k, n)?),
-            },
-            _ => Kernel::Linalg(linalg::Packed::new(w, k, n)?),
+            KernelKind::Avx512Vnni => Kernel::Avx512Vnni(panels::Panels::new(w, k, n)),
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::AvxVnni => Kernel::AvxVnni(panels::Panels::new(w, k, n)),
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx2 if !w.contains(&i8::MIN) => Kernel::Avx2(panels::Panels::new(w, k, n)),
+            #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+            KernelKind::Rten => Kernel::Rten(rten::Packed::new(w, k, n)),
+            _ => Kernel::Tract(linalg::Packed::new(w, k, n)?),
         };
         Ok(QWeights {
             k,
@@ -152,17 +336,29 @@ impl QWeights {
     pub fn kernel(&self) -> KernelKind {
         match self.kernel {
             #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni(_) => KernelKind::Avx512Vnni,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni(_) => KernelKind::AvxVnni,
+            #[cfg(target_arch = "x86_64")]
             Kernel::Avx2(_) => KernelKind::Avx2,
-            Kernel::Linalg(_) => KernelKind::Linalg,
+            #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+            Kernel::Rten(_) => KernelKind::Rten,
+            Kernel::Tract(_) => KernelKind::Tract,
         }
     }
 
-    /// Name of the kernel, for the load log.
+    /// Name of the kernel, for the load log and the status.
     pub fn kernel_name(&self) -> String {
         match &self.kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2(_) => "anotador avx2 i8 (exact maddubs)".into(),
-            Kernel::Linalg(p) => format!("tract-linalg {}", p.kernel_name()),
+            Kernel::Avx512Vnni(_) => "avx512-vnni (anotador, vpdpbusd zmm)".into(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni(_) => "avx-vnni (anotador, vpdpbusd ymm)".into(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(_) => "avx2 (anotador, exact vpmaddubsw)".into(),
+            #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+            Kernel::Rten(p) => format!("rten (rten-gemm {})", p.kernel_name()),
+            Kernel::Tract(p) => format!("tract (tract-linalg {})", p.kernel_name()),
         }
     }
 
@@ -170,8 +366,10 @@ impl QWeights {
     pub fn bytes(&self) -> usize {
         let packed = match &self.kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2(p) => p.bytes(),
-            Kernel::Linalg(p) => p.bytes(),
+            Kernel::Avx512Vnni(p) | Kernel::AvxVnni(p) | Kernel::Avx2(p) => p.bytes(),
+            #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+            Kernel::Rten(p) => p.bytes(),
+            Kernel::Tract(p) => p.bytes(),
         };
         packed + self.colsum.len() * 12
     }
@@ -200,46 +398,66 @@ impl QWeights {
                 vec![Params::from_range(lo, hi)]
             }
         };
-        let ep = Epilogue {
+        let param = |r: usize| params[if params.len() == 1 { 0 } else { r }];
+        let ep_for = |operand| Epilogue {
             colsum: &self.colsum,
             wscale: &self.wscale,
             bias: &self.bias,
             rows: &params,
+            operand,
             activation,
         };
-        let param = |r: usize| {
-            if params.len() == 1 {
-                params[0]
-            } else {
-                params[r]
-            }
-        };
-        match &self.kernel {
+        // `s` is unused where tract is the only kernel (armv7).
+        #[cfg_attr(
+            not(any(target_arch = "x86_64", target_arch = "aarch64")),
+            allow(unused_variables)
+        )]
+        SCRATCH.with_borrow_mut(|s| match &self.kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2(w) => SCRATCH.with_borrow_mut(|scratch| {
-                let stride = w.row_stride();
+            Kernel::Avx512Vnni(w) | Kernel::AvxVnni(w) => {
+                let padded = rows.div_ceil(vnni::MR) * vnni::MR;
+                let a = s.unsigned(padded * w.kp);
+                for (r, (row, dst)) in x.chunks_exact(k).zip(a.chunks_exact_mut(w.kp)).enumerate() {
+                    quant::quantize_unsigned(row, param(r), &mut dst[..k]);
+                }
+                let ep = ep_for(Operand::Unsigned);
+                // SAFETY: the kernel was checked available when the weights were packed;
+                // `a` holds `padded` rows of `kp` bytes, zero past K and past `rows`.
+                unsafe {
+                    if matches!(self.kernel, Kernel::Avx512Vnni(_)) {
+                        vnni::matmul_avx512(w, a, rows, &ep, out)
+                    } else {
+                        vnni::matmul_avx(w, a, rows, &ep, out)
+                    }
+                };
+                Ok(())
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(w) => {
+                let stride = w.kp;
                 let padded = rows.div_ceil(avx2::MR) * avx2::MR * stride;
-                scratch.quantized.clear();
-                scratch.quantized.resize(k, 0);
-                scratch.abs.clear();
-                scratch.abs.resize(padded, 0);
-                scratch.sgn.clear();
-                scratch.sgn.resize(padded, 0);
+                let (q, abs, sgn) = s.avx2(k, padded);
                 for (r, row) in x.chunks_exact(k).enumerate() {
-                    quant::quantize(row, param(r), &mut scratch.quantized);
+                    quant::quantize(row, param(r), q);
                     let at = r * stride;
-                    avx2::pack_row(
-                        &scratch.quantized,
-                        &mut scratch.abs[at..at + k],
-                        &mut scratch.sgn[at..at + k],
-                    );
+                    avx2::pack_row(q, &mut abs[at..at + k], &mut sgn[at..at + k]);
                 }
                 // SAFETY: AVX2 was checked when the weights were packed; the buffers
                 // are sized above for `rows` rounded up to MR.
-                unsafe { avx2::matmul(w, &scratch.abs, &scratch.sgn, rows, &ep, out) };
+                unsafe { avx2::matmul(w, abs, sgn, rows, &ep_for(Operand::Shifted), out) };
                 Ok(())
-            }),
-            Kernel::Linalg(w) => {
+            }
+            #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+            Kernel::Rten(w) => {
+                let (a, c) = s.rten(rows * k, rows * self.n);
+                for (r, (row, dst)) in x.chunks_exact(k).zip(a.chunks_exact_mut(k)).enumerate() {
+                    quant::quantize_unsigned(row, param(r), dst);
+                }
+                w.matmul(a, rows, c);
+                epilogue::rows(c, self.n, self.n, &ep_for(Operand::Unsigned), out);
+                Ok(())
+            }
+            Kernel::Tract(w) => {
                 let kp = w.k_padded;
                 let mut a = Tensor::zero::<i8>(&[rows, kp])?;
                 {
@@ -257,39 +475,65 @@ impl QWeights {
                 let mut c = unsafe { Tensor::uninitialized::<i32>(&[rows.max(1), ldc])? };
                 w.matmul(&a, rows, &mut c, ldc)?;
                 let view = c.try_as_plain_ram()?;
-                let c = view.as_slice::<i32>()?;
-                for r in 0..rows {
-                    let (corr, scale) = ep.row(r);
-                    let sums = &c[r * ldc..r * ldc + self.n];
-                    let dst = &mut out[r * self.n..(r + 1) * self.n];
-                    for (col, (o, &sum)) in dst.iter_mut().zip(sums).enumerate() {
-                        let total = sum + corr * self.colsum[col];
-                        let v = total as f32 * (scale * self.wscale[col]) + self.bias[col];
-                        *o = match activation {
-                            Activation::None => v,
-                            Activation::GeluTanh => act::gelu_tanh(v),
-                        };
-                    }
-                }
+                let ep = ep_for(Operand::Shifted);
+                epilogue::rows(view.as_slice::<i32>()?, ldc, self.n, &ep, out);
                 Ok(())
             }
-        }
+        })
     }
 }
 
-/// Per-thread buffers for the packed activations: a worker runs one matmul at a
-/// time, and re-growing them per call would be a malloc per node.
-#[cfg(target_arch = "x86_64")]
+/// Per-thread buffers for the quantized activations and i32 sums: a worker runs
+/// one matmul at a time, and re-growing them per call would be a malloc per node.
 #[derive(Default)]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 struct Scratch {
-    quantized: Vec<i8>,
-    abs: Vec<u8>,
-    sgn: Vec<i8>,
+    bytes: Vec<u8>,
+    #[cfg(target_arch = "x86_64")]
+    signed: Vec<i8>,
+    #[cfg(target_arch = "x86_64")]
+    signs: Vec<i8>,
+    sums: Vec<i32>,
 }
 
-#[cfg(target_arch = "x86_64")]
+impl Scratch {
+    /// `len` zeroed bytes (K and row padding must read as zero).
+    #[cfg(target_arch = "x86_64")]
+    fn unsigned(&mut self, len: usize) -> &mut [u8] {
+        self.bytes.clear();
+        self.bytes.resize(len, 0);
+        &mut self.bytes
+    }
+
+    /// rten-gemm's operands: `a` bytes and `c` sums.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    fn rten(&mut self, a: usize, c: usize) -> (&mut [u8], &mut [i32]) {
+        self.bytes.clear();
+        self.bytes.resize(a, 0);
+        self.sums.clear();
+        self.sums.resize(c, 0);
+        (&mut self.bytes, &mut self.sums)
+    }
+
+    /// The AVX2 kernel's operands: one quantized row, then magnitudes and signs of
+    /// `len` bytes, zeroed.
+    #[cfg(target_arch = "x86_64")]
+    fn avx2(&mut self, k: usize, len: usize) -> (&mut [i8], &mut [u8], &mut [i8]) {
+        self.signed.clear();
+        self.signed.resize(k, 0);
+        self.bytes.clear();
+        self.bytes.resize(len, 0);
+        self.signs.clear();
+        self.signs.resize(len, 0);
+        (&mut self.signed, &mut self.bytes, &mut self.signs)
+    }
+}
+
 thread_local! {
-    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// The tract op: `[.., K] f32 → [.., N] f32`.
@@ -562,51 +806,62 @@ mod tests {
         (x, w, b)
     }
 
-    /// Every kernel this CPU runs gives the integer arithmetic exactly, on shapes
-    /// with ragged rows, columns and K.
+    /// Every kernel this CPU runs, at every SIMD level it has, gives the integer
+    /// arithmetic exactly and the same f32 bits as the definition, on shapes with
+    /// ragged rows, columns and K (partial tiles, partial column blocks, K not a
+    /// multiple of 4 or 64), and weights across the whole int8 range.
     #[test]
     fn kernels_match_the_definition() {
-        // Only x86 adds a second kernel.
-        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-        let mut kinds = vec![KernelKind::Linalg];
-        #[cfg(target_arch = "x86_64")]
-        if avx2::available() {
-            kinds.push(KernelKind::Avx2);
-        }
+        use crate::engine::simd::{supported, with_level};
+        let kinds = KernelKind::available_here();
+        println!("kernels here: {kinds:?}, levels: {:?}", supported());
+        let mut checked = 0;
         for (rows, k, n) in [
             (1, 4, 16),
             (3, 7, 9),
             (5, 128, 33),
+            (6, 64, 100),
+            (9, 300, 80),
             (17, 256, 256),
             (2, 1030, 40),
+            (33, 96, 130),
         ] {
             let (x, w, b) = data(rows, k, n, (rows * 1000 + k * 10 + n) as u64);
             for kind in &kinds {
                 let q = QWeights::new(&w, k, n, &[0.01], Some(&b), *kind).unwrap();
                 assert_eq!(q.kernel(), *kind);
-                for range in [ActivationRange::Row, ActivationRange::Tensor] {
-                    let mut out = vec![0f32; rows * n];
-                    q.matmul(&x, rows, range, Activation::None, &mut out)
-                        .unwrap();
-                    let expected = naive(&x, rows, &w, k, n, 0.01, &b, range);
-                    assert_eq!(out, expected, "{kind:?} {range:?} {rows}×{k}×{n}");
+                for level in supported() {
+                    for range in [ActivationRange::Row, ActivationRange::Tensor] {
+                        let expected = naive(&x, rows, &w, k, n, 0.01, &b, range);
+                        for activation in [Activation::None, Activation::GeluTanh] {
+                            let mut out = vec![0f32; rows * n];
+                            with_level(level, || {
+                                q.matmul(&x, rows, range, activation, &mut out).unwrap()
+                            });
+                            let expected: Vec<f32> = match activation {
+                                Activation::None => expected.clone(),
+                                Activation::GeluTanh => {
+                                    expected.iter().map(|&v| act::gelu_tanh(v)).collect()
+                                }
+                            };
+                            assert_eq!(
+                                out, expected,
+                                "{kind} {level:?} {range:?} {activation:?} {rows}×{k}×{n}"
+                            );
+                            checked += 1;
+                        }
+                    }
                 }
             }
         }
+        assert!(checked >= 8 * 2 * 2 * kinds.len());
     }
 
-    /// The fused GELU is the same on every kernel and close to the definition.
+    /// The fused GELU is close to its definition in f64.
     #[test]
     fn gelu_epilogue_matches_the_definition() {
         let (rows, k, n) = (5, 64, 40);
         let (x, w, b) = data(rows, k, n, 99);
-        // Only x86 adds a second kernel.
-        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-        let mut kinds = vec![KernelKind::Linalg];
-        #[cfg(target_arch = "x86_64")]
-        if avx2::available() {
-            kinds.push(KernelKind::Avx2);
-        }
         let expected: Vec<f32> = naive(&x, rows, &w, k, n, 0.01, &b, ActivationRange::Row)
             .into_iter()
             .map(|v| {
@@ -617,8 +872,7 @@ mod tests {
                             .tanh())) as f32
             })
             .collect();
-        let mut results = Vec::new();
-        for kind in kinds {
+        for kind in KernelKind::available_here() {
             let q = QWeights::new(&w, k, n, &[0.01], Some(&b), kind).unwrap();
             let mut out = vec![0f32; rows * n];
             q.matmul(
@@ -632,23 +886,42 @@ mod tests {
             for (o, e) in out.iter().zip(&expected) {
                 assert!(
                     (o - e).abs() <= 1e-5 * e.abs().max(1.0),
-                    "{kind:?}: {o} vs {e}"
+                    "{kind}: {o} vs {e}"
                 );
             }
-            results.push(out);
         }
-        assert!(results.windows(2).all(|w| w[0] == w[1]), "kernels disagree");
     }
 
     #[test]
-    fn a_weight_of_minus_128_falls_back_to_tract_linalg() {
+    fn a_weight_of_minus_128_leaves_avx2_for_tract() {
+        if !KernelKind::Avx2.available() {
+            return;
+        }
         let (x, mut w, b) = data(3, 8, 16, 7);
         w[5] = i8::MIN;
         let q = QWeights::new(&w, 8, 16, &[0.5], Some(&b), KernelKind::Avx2).unwrap();
-        assert_eq!(q.kernel(), KernelKind::Linalg);
+        assert_eq!(q.kernel(), KernelKind::Tract);
         let mut out = vec![0f32; 3 * 16];
         q.matmul(&x, 3, ActivationRange::Row, Activation::None, &mut out)
             .unwrap();
         assert_eq!(out, naive(&x, 3, &w, 8, 16, 0.5, &b, ActivationRange::Row));
+    }
+
+    #[test]
+    fn kernel_names_parse_and_auto_is_available() {
+        for k in KernelKind::ALL {
+            assert_eq!(k.name().parse::<KernelKind>(), Ok(k));
+            assert_eq!(k.name().parse::<KernelChoice>(), Ok(KernelChoice::Named(k)));
+        }
+        assert_eq!("auto".parse::<KernelChoice>(), Ok(KernelChoice::Auto));
+        let err = "avx1024".parse::<KernelChoice>().unwrap_err();
+        assert!(
+            err.contains("avx512-vnni") && err.contains("tract"),
+            "{err}"
+        );
+        if let Some(k) = KernelKind::auto() {
+            assert!(k.available(), "{k}");
+        }
+        assert!(KernelKind::Tract.available());
     }
 }

@@ -6,6 +6,8 @@
 //! i8 whatever the zero point, and the constant shift comes back exactly through
 //! the weight column sums (`Σ (q − zp)·w = Σ (q − 128)·w + (128 − zp)·Σ w`).
 
+use crate::engine::simd::multiversion;
+
 /// Scale and zero point of one quantized range.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Params {
@@ -32,25 +34,19 @@ impl Params {
 
 /// Smallest and largest value; NaN-free inputs assumed (a NaN logit is garbage
 /// anyway, and the range then only loses the NaN).
-pub fn range(x: &[f32]) -> (f32, f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the feature was just detected.
-        return unsafe { x86::range(x) };
-    }
-    range_scalar(x)
-}
-
-fn range_scalar(x: &[f32]) -> (f32, f32) {
-    // Eight lanes so LLVM keeps the loop vectorised on every target.
-    let mut lo = [f32::INFINITY; 8];
-    let mut hi = [f32::NEG_INFINITY; 8];
-    let mut chunks = x.chunks_exact(8);
+#[inline(always)]
+fn range_generic(x: &[f32]) -> (f32, f32) {
+    // Sixteen independent lanes (one zmm, two ymm, four NEON q registers), written
+    // as `minps`/`maxps` (second operand on a NaN) so that LLVM keeps them in
+    // registers: with eight lanes it reversed them with shuffles every iteration
+    // (8.7 % of a message in a profile on AVX-512).
+    let mut lo = [f32::INFINITY; 16];
+    let mut hi = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
     for c in &mut chunks {
-        for j in 0..8 {
-            lo[j] = if c[j] < lo[j] { c[j] } else { lo[j] };
-            hi[j] = if c[j] > hi[j] { c[j] } else { hi[j] };
-        }
+        let c: &[f32; 16] = c.try_into().expect("16 values");
+        lo = std::array::from_fn(|j| if c[j] < lo[j] { c[j] } else { lo[j] });
+        hi = std::array::from_fn(|j| if c[j] > hi[j] { c[j] } else { hi[j] });
     }
     let mut min = lo.iter().copied().fold(f32::INFINITY, f32::min);
     let mut max = hi.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -61,78 +57,84 @@ fn range_scalar(x: &[f32]) -> (f32, f32) {
     (min, max)
 }
 
-/// `q − 128` for every value: `clamp(round_half_even(x / scale) + zp, 0, 255) − 128`,
-/// division and rounding as onnxruntime's `QuantizeLinear` does them.
-pub fn quantize(x: &[f32], p: Params, out: &mut [i8]) {
-    debug_assert!(out.len() >= x.len());
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the feature was just detected; `out` holds at least `x.len()`.
-        unsafe { x86::quantize(x, p, out) };
-        return;
-    }
-    quantize_scalar(x, p, out)
+multiversion! {
+    fn range_mv(x: &[f32]) -> (f32, f32) => range_generic
 }
 
-fn quantize_scalar(x: &[f32], p: Params, out: &mut [i8]) {
-    for (o, &v) in out.iter_mut().zip(x) {
-        let q = ((v / p.scale).round_ties_even() as i32 + p.zero_point).clamp(0, 255);
-        *o = (q - 128) as i8;
+/// The smallest and largest value of `x` (NaNs skipped).
+pub fn range(x: &[f32]) -> (f32, f32) {
+    // LLVM turns the generic loop into lane reversals on every iteration when it
+    // targets AVX-512 (8 % of a message in a profile): written out there.
+    #[cfg(target_arch = "x86_64")]
+    if crate::engine::simd::level() == crate::engine::simd::Level::Avx512 {
+        // SAFETY: `level()` never exceeds what this CPU was detected to have.
+        return unsafe { range_avx512(x) };
     }
+    range_mv(x)
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::Params;
+#[target_feature(enable = "avx512f")]
+unsafe fn range_avx512(x: &[f32]) -> (f32, f32) {
     use std::arch::x86_64::*;
-
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn range(x: &[f32]) -> (f32, f32) {
-        let mut lo = _mm256_set1_ps(f32::INFINITY);
-        let mut hi = _mm256_set1_ps(f32::NEG_INFINITY);
-        let mut chunks = x.chunks_exact(8);
-        for c in &mut chunks {
-            let v = _mm256_loadu_ps(c.as_ptr());
-            lo = _mm256_min_ps(lo, v);
-            hi = _mm256_max_ps(hi, v);
-        }
-        let (mut l, mut h) = ([0f32; 8], [0f32; 8]);
-        _mm256_storeu_ps(l.as_mut_ptr(), lo);
-        _mm256_storeu_ps(h.as_mut_ptr(), hi);
-        let mut min = l.iter().copied().fold(f32::INFINITY, f32::min);
-        let mut max = h.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for &v in chunks.remainder() {
-            min = min.min(v);
-            max = max.max(v);
-        }
-        (min, max)
+    let mut lo = _mm512_set1_ps(f32::INFINITY);
+    let mut hi = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        // SAFETY: 16 values.
+        let v = unsafe { _mm512_loadu_ps(c.as_ptr()) };
+        // `vminps v, lo` keeps `lo` where `v` is NaN, as the generic code does.
+        lo = _mm512_min_ps(v, lo);
+        hi = _mm512_max_ps(v, hi);
     }
-
-    /// Eight values a step: divide, round to nearest even (the default MXCSR mode,
-    /// which `cvtps` uses), add the zero point, saturate to 0..255, shift by 128.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn quantize(x: &[f32], p: Params, out: &mut [i8]) {
-        let scale = _mm256_set1_ps(p.scale);
-        let zp = _mm256_set1_epi32(p.zero_point);
-        let lo = _mm256_setzero_si256();
-        let hi = _mm256_set1_epi32(255);
-        let shift = _mm256_set1_epi32(128);
-        let n = x.len() / 8 * 8;
-        let mut i = 0;
-        while i < n {
-            let v = _mm256_div_ps(_mm256_loadu_ps(x.as_ptr().add(i)), scale);
-            let q = _mm256_add_epi32(_mm256_cvtps_epi32(v), zp);
-            let q = _mm256_sub_epi32(_mm256_min_epi32(_mm256_max_epi32(q, lo), hi), shift);
-            // i32 lanes in −128..=127: two saturating packs keep them exactly.
-            let w = _mm256_packs_epi32(q, q);
-            let b = _mm256_packs_epi16(w, w);
-            let lanes = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
-            let pair = _mm256_castsi256_si128(lanes);
-            std::ptr::write_unaligned(out.as_mut_ptr().add(i) as *mut i64, _mm_cvtsi128_si64(pair));
-            i += 8;
-        }
-        super::quantize_scalar(&x[n..], p, &mut out[n..]);
+    let mut min = _mm512_reduce_min_ps(lo);
+    let mut max = _mm512_reduce_max_ps(hi);
+    for &v in chunks.remainder() {
+        min = min.min(v);
+        max = max.max(v);
     }
+    (min, max)
+}
+
+/// `clamp(round_half_even(x / scale) + zp, 0, 255)`: division and rounding as
+/// onnxruntime's `QuantizeLinear` does them. Clamped as a float, then converted: the
+/// same integer for every finite value (a whole number plus zp is exact below 2²⁴,
+/// and anything larger clamps either way), while `as i32` first made LLVM convert
+/// lane by lane (a fifth of a message in a profile on AVX-512). NaN gives 0.
+#[inline(always)]
+fn quantized(v: f32, p: Params) -> i32 {
+    let q = (v / p.scale).round_ties_even() + p.zero_point as f32;
+    // Not `clamp`: it keeps a NaN, which the conversion below must never see.
+    #[allow(clippy::manual_clamp)]
+    let q = q.max(0.0).min(255.0);
+    // SAFETY: `max`/`min` turned a NaN into 0 and bound the value to [0, 255].
+    unsafe { q.to_int_unchecked::<i32>() }
+}
+
+#[inline(always)]
+fn quantize_generic(x: &[f32], p: Params, out: &mut [i8]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (quantized(v, p) - 128) as i8;
+    }
+}
+
+#[inline(always)]
+fn quantize_unsigned_generic(x: &[f32], p: Params, out: &mut [u8]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = quantized(v, p) as u8;
+    }
+}
+
+multiversion! {
+    /// `q − 128` for every value of `x` into `out`: the signed bytes of the AVX2 and
+    /// tract-linalg kernels.
+    pub fn quantize(x: &[f32], p: Params, out: &mut [i8]) => quantize_generic
+}
+
+multiversion! {
+    /// `q` for every value of `x` into `out`: the unsigned bytes of the VNNI and
+    /// rten-gemm kernels.
+    pub fn quantize_unsigned(x: &[f32], p: Params, out: &mut [u8]) => quantize_unsigned_generic
 }
 
 #[cfg(test)]
@@ -160,32 +162,49 @@ mod tests {
     }
 
     #[test]
-    fn vector_and_scalar_quantization_agree_to_the_bit() {
-        // Values on exact .5 boundaries test the half-to-even rounding of both paths.
+    fn every_level_quantizes_like_the_definition_to_the_bit() {
+        use crate::engine::simd::{supported, with_level};
+        // Values on exact .5 boundaries test the half-to-even rounding.
         let mut x: Vec<f32> = (0..1003)
             .map(|i| ((i * 7919) % 2001) as f32 / 97.0 - 10.0)
             .collect();
         x.extend([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 0.0]);
-        let (min, max) = range(&x);
-        assert_eq!((min, max), range_scalar(&x));
-        for p in [
-            Params::from_range(min, max),
-            Params {
-                scale: 1.0,
-                zero_point: 128,
-            },
-        ] {
-            let (mut a, mut b) = (vec![0i8; x.len()], vec![0i8; x.len()]);
-            quantize(&x, p, &mut a);
-            quantize_scalar(&x, p, &mut b);
-            assert_eq!(a, b);
-        }
-        let p = Params {
-            scale: 1.0,
-            zero_point: 128,
+        let reference_range = x
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
+        // The definition, one value at a time (IEEE f32 division is exact to the bit).
+        let reference = |v: f32, p: Params| -> i32 {
+            ((v / p.scale).round_ties_even() as i32 + p.zero_point).clamp(0, 255)
         };
-        let mut q = vec![0i8; 6];
-        quantize_scalar(&[0.5, 1.5, 2.5, -0.5, -1.5, 300.0], p, &mut q);
-        assert_eq!(q, [0, 2, 2, 0, -2, 127], "half to even, saturated at 255");
+        for level in supported() {
+            with_level(level, || {
+                let (min, max) = range(&x);
+                assert_eq!((min, max), reference_range, "{level:?}");
+                for p in [
+                    Params::from_range(min, max),
+                    Params {
+                        scale: 1.0,
+                        zero_point: 128,
+                    },
+                ] {
+                    let (mut s, mut u) = (vec![0i8; x.len()], vec![0u8; x.len()]);
+                    quantize(&x, p, &mut s);
+                    quantize_unsigned(&x, p, &mut u);
+                    for (i, &v) in x.iter().enumerate() {
+                        let q = reference(v, p);
+                        assert_eq!((s[i] as i32 + 128, u[i] as i32), (q, q), "{level:?} x={v}");
+                    }
+                }
+                let p = Params {
+                    scale: 1.0,
+                    zero_point: 128,
+                };
+                let mut q = vec![0i8; 6];
+                quantize(&[0.5, 1.5, 2.5, -0.5, -1.5, 300.0], p, &mut q);
+                assert_eq!(q, [0, 2, 2, 0, -2, 127], "half to even, saturated at 255");
+            });
+        }
     }
 }

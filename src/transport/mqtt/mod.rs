@@ -39,7 +39,7 @@ use publisher::{Control, Ticket};
 use state::{Action, Event, Limits, Mode, Session};
 use status::Stats;
 
-pub use options::{install_crypto_provider, options, outgoing_inflight, OptionsError};
+pub use options::{install_crypto_provider, options, outgoing_inflight, Endpoint, OptionsError};
 pub use state::backoff;
 pub use status::rss_bytes;
 
@@ -61,7 +61,7 @@ pub enum MqttError {
 pub async fn serve(
     path: PathBuf,
     config: Config,
-    address: (String, u16),
+    address: Endpoint,
     models: Models,
     health: Arc<Health>,
     mut signals: mpsc::UnboundedReceiver<Signal>,
@@ -131,7 +131,7 @@ struct Io {
     path: PathBuf,
     config: Config,
     /// The broker's address, as connected to.
-    address: (String, u16),
+    address: Endpoint,
     health: Arc<Health>,
     link: Link,
     intake: Intake,
@@ -159,7 +159,7 @@ impl Io {
     fn start(
         path: PathBuf,
         config: Config,
-        address: (String, u16),
+        address: Endpoint,
         models: Models,
         health: Arc<Health>,
     ) -> Result<Io, MqttError> {
@@ -226,7 +226,7 @@ impl Io {
     fn polled(&self, polled: Polled, receiving: bool) -> Event<Received> {
         match polled {
             Polled::ConnAck { session_present } => {
-                let (host, port) = &self.address;
+                let Endpoint { host, port, .. } = &self.address;
                 log::info!("connected to {host}:{port} (session present: {session_present})");
                 Event::Connected { session_present }
             }

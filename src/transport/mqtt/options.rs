@@ -39,14 +39,23 @@ pub struct Session {
 /// tells the broker how many unacknowledged messages it may send us. With 3.1.1 the
 /// broker's own in-flight setting decides (Mosquitto 2 sends far more than its
 /// documented 20), and the backlog would pile up in the daemon instead of the broker.
-/// `address`: the external broker's (`[broker]` host and port) or the embedded one's.
+/// Where the daemon's client connects: the external broker's `[broker]` host and
+/// port, or the embedded one's address and, where it asks for them, the daemon's
+/// own credentials for this run (`broker::auth`).
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub credentials: Option<(String, String)>,
+}
+
 pub fn options(
     broker: &Broker,
-    address: &(String, u16),
+    endpoint: &Endpoint,
     session: Session,
 ) -> Result<MqttOptions, OptionsError> {
     let b = broker;
-    let mut opts = MqttOptions::new(&b.client_id, &address.0, address.1);
+    let mut opts = MqttOptions::new(&b.client_id, &endpoint.host, endpoint.port);
     opts.set_keep_alive(Duration::from_secs(b.keep_alive_s.max(5)));
     // Persistent session + manual acks: an input is acknowledged only once its
     // result is handed to the client, and a restarted daemon gets what it had not
@@ -74,7 +83,9 @@ pub fn options(
         true,
         None,
     ));
-    if let Some(user) = &b.username {
+    if let Some((user, password)) = &endpoint.credentials {
+        opts.set_credentials(user, password);
+    } else if let Some(user) = &b.username {
         let password = b
             .password()
             .map_err(OptionsError::Password)?

@@ -107,20 +107,7 @@ impl Stats {
     }
 }
 
-/// Resident set size from /proc (Linux); None elsewhere. `VmRSS` is in kB
-/// whatever the page size (4 KiB on most, 16 KiB on a Raspberry Pi 5 kernel).
-pub fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
-}
+pub use crate::memory::rss_bytes;
 
 /// Publishes the counters every `every` (QoS 0: a lost sample is replaced by the next).
 pub async fn publish_stats(client: AsyncClient, topic: String, every: Duration, stats: Arc<Stats>) {

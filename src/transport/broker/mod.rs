@@ -14,12 +14,15 @@
 //! and sends the PUBACK only once those rows are written (group-committed with
 //! whatever else arrived meanwhile). A killed daemon, whose broker dies with it,
 //! so loses nothing it acknowledged; `sync = "always"` also fsyncs each write,
-//! for a power cut (README: "The embedded broker").
+//! for a power cut (docs/broker.md: "The embedded broker").
+
+pub mod auth;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
-use mqtt5::broker::config::{StorageBackend, StorageConfig};
+use mqtt5::broker::config::{StorageBackend, StorageConfig, TlsConfig};
 use mqtt5::broker::{BrokerConfig, BrokerShutdownHandle, MqttBroker};
 use tokio::task::JoinHandle;
 
@@ -42,6 +45,10 @@ const FORWARD_HEADROOM: usize = 64;
 pub struct Broker {
     /// Where it listens (the port chosen when `listen` asked for port 0).
     pub address: SocketAddr,
+    /// The daemon's own user and this run's secret, where clients must authenticate.
+    credentials: Option<(String, String)>,
+    /// Who may connect, replaced on SIGHUP; `None` where anyone may.
+    access: Option<Arc<auth::Access>>,
     shutdown: BrokerShutdownHandle,
     task: JoinHandle<()>,
 }
@@ -73,16 +80,40 @@ impl Broker {
         // broker forwards (with the whole topic), which could then exceed the
         // daemon's Maximum Packet Size and be dropped unseen.
         broker_config.topic_alias_maximum = 0;
-        let mut broker =
-            MqttBroker::with_config(broker_config)
-                .await
-                .map_err(|e| BrokerError::Start {
-                    listen: config.listen,
-                    reason: e.to_string(),
-                })?;
+        if let Some(addr) = config.tls_listen {
+            let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) else {
+                unreachable!("config validation: tls_listen needs cert_file and key_file");
+            };
+            let mut tls = TlsConfig::new(cert.clone(), key.clone()).with_bind_address(addr);
+            if let Some(ca) = &config.client_ca_file {
+                tls = tls.with_ca_file(ca.clone()).with_require_client_cert(true);
+            }
+            broker_config = broker_config.with_tls(tls);
+        }
+        let anonymous = config
+            .allow_anonymous
+            .unwrap_or(config.password_file.is_none());
+        let start_error = |reason: String| BrokerError::Start {
+            listen: config.listen,
+            reason,
+        };
+        let users = auth::users(config).await.map_err(start_error)?;
+        let mut broker = MqttBroker::with_config(broker_config)
+            .await
+            .map_err(|e| start_error(e.to_string()))?;
+        let (access, credentials) = match users {
+            Some(users) => {
+                let secret = auth::daemon_secret().map_err(|e| start_error(e.to_string()))?;
+                let access = Arc::new(auth::Access::new(users, secret.clone()));
+                broker = broker.with_auth_provider(access.clone());
+                (Some(access), Some((auth::DAEMON_USER.to_string(), secret)))
+            }
+            None => (None, None),
+        };
         let address = broker
             .local_addr()
             .ok_or_else(|| BrokerError::Run("no listening socket".into()))?;
+        let tls_address = broker.tls_local_addr();
         let shutdown = broker.shutdown_handle();
         let mut ready = broker.ready_receiver();
         let (failed_tx, failed) = tokio::sync::oneshot::channel();
@@ -111,9 +142,39 @@ impl Broker {
             ),
             None => "in memory only".into(),
         };
-        log::info!("embedded broker listening on {address} (MQTT 3.1.1 and 5; {storage})");
+        let who = match (&config.password_file, anonymous) {
+            (Some(f), false) => format!("users of {}", f.display()),
+            (Some(f), true) => format!("users of {} and anonymous clients", f.display()),
+            (None, _) => "anonymous clients".into(),
+        };
+        let rights = match &config.acl_file {
+            Some(f) => format!(", rights from {}", f.display()),
+            None => String::new(),
+        };
+        log::info!(
+            "embedded broker listening on {address} (MQTT 3.1.1 and 5; {storage}; {who}{rights})"
+        );
+        if let Some(tls) = tls_address {
+            log::info!(
+                "embedded broker listening for TLS on {tls} ({})",
+                if config.client_ca_file.is_some() {
+                    "client certificates required"
+                } else {
+                    "server certificate only"
+                }
+            );
+        }
+        let open =
+            !address.ip().is_loopback() || tls_address.is_some_and(|a| !a.ip().is_loopback());
+        if anonymous && open {
+            log::warn!(
+                "embedded broker: allow_anonymous = true on {address}: any client that reaches it can read every message and publish into every route"
+            );
+        }
         Ok(Broker {
             address,
+            credentials,
+            access,
             shutdown,
             task,
         })
@@ -131,6 +192,17 @@ impl Broker {
         (ip.to_string(), self.address.port())
     }
 
+    /// The user and password the daemon's own client connects with, where the broker
+    /// asks for them (`password_file` or `acl_file`); see [`auth`].
+    pub fn client_credentials(&self) -> Option<(String, String)> {
+        self.credentials.clone()
+    }
+
+    /// Who may connect, for SIGHUP ([`Users::reload`]).
+    pub fn users(&self) -> Users {
+        Users(self.access.clone())
+    }
+
     /// Stops accepting, closes the connections and writes out what is pending in
     /// `data_dir`; waits at most `within`.
     pub async fn stop(self, within: Duration) {
@@ -139,6 +211,32 @@ impl Broker {
         if tokio::time::timeout(within, &mut task).await.is_err() {
             log::warn!("embedded broker did not stop within {within:?}");
             task.abort();
+        }
+    }
+}
+
+/// The embedded broker's users and rights, replaceable while it runs.
+#[derive(Clone)]
+pub struct Users(Option<Arc<auth::Access>>);
+
+impl Users {
+    /// SIGHUP: reads `password_file` and `acl_file` again from the reloaded `config`;
+    /// a file that fails its check keeps the ones in force (and says why). Turning
+    /// authentication on or off needs a restart.
+    pub async fn reload(&self, config: &Embedded) -> Result<(), String> {
+        let Some(access) = &self.0 else {
+            if config.password_file.is_some() || config.acl_file.is_some() {
+                return Err("password_file / acl_file added: restart the daemon to apply".into());
+            }
+            return Ok(());
+        };
+        match auth::users(config).await? {
+            Some(users) => {
+                access.replace(users);
+                log::info!("embedded broker: users and rights read again");
+                Ok(())
+            }
+            None => Err("password_file and acl_file removed: restart the daemon to apply".into()),
         }
     }
 }

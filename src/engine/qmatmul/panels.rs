@@ -1,0 +1,43 @@
+//! The weight layout of anotador's own x86 kernels (AVX2, AVX-VNNI, AVX-512 VNNI):
+//! panels of 16 output columns; inside a panel one 64-byte block per 4 rows of K,
+//! 4 consecutive K bytes per column. A 64-byte block is one 512-bit register of 16
+//! columns for `vpdpbusd`, or two 256-bit halves of 8 columns for `vpdpbusd` on
+//! 256-bit registers and for `vpmaddubsw` + `vpmaddwd`: one layout for all three.
+
+/// Output columns per panel.
+pub const NR: usize = 16;
+
+/// Weights `[K, N]` (row-major, int8) in panels.
+#[derive(Debug)]
+pub struct Panels {
+    pub n: usize,
+    /// K rounded up to a multiple of 4 (the padding is zero).
+    pub kp: usize,
+    pub data: Vec<i8>,
+}
+
+impl Panels {
+    pub fn new(w: &[i8], k: usize, n: usize) -> Panels {
+        let kp = k.div_ceil(4) * 4;
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0i8; panels * kp * NR];
+        for (row, kk) in w.chunks_exact(n).zip(0..k) {
+            for (col, &v) in row.iter().enumerate() {
+                let (panel, c) = (col / NR, col % NR);
+                data[panel * kp * NR + (kk / 4) * 64 + c * 4 + kk % 4] = v;
+            }
+        }
+        Panels { n, kp, data }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The first byte of panel `p`.
+    pub fn panel(&self, p: usize) -> *const i8 {
+        debug_assert!(p < self.n.div_ceil(NR));
+        // SAFETY: in bounds for every panel index (debug-checked).
+        unsafe { self.data.as_ptr().add(p * self.kp * NR) }
+    }
+}
