@@ -186,6 +186,10 @@ pub struct Embedded {
     pub max_queued_messages: usize,
     #[serde(default = "default_max_queued_bytes")]
     pub max_queued_bytes: usize,
+    /// Per client: QoS 1/2 publishes it may send before their acknowledgements
+    /// (MQTT 5 Receive Maximum in CONNACK; a client that sends more is disconnected).
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
     /// Retained messages kept (the daemon's status is one).
     #[serde(default = "default_max_retained")]
     pub max_retained_messages: usize,
@@ -211,6 +215,9 @@ fn default_max_queued_messages() -> usize {
 }
 fn default_max_queued_bytes() -> usize {
     16 << 20
+}
+fn default_max_inflight() -> u16 {
+    256
 }
 fn default_max_retained() -> usize {
     1_000
@@ -541,11 +548,16 @@ impl Broker {
                 "is for an external broker; with [broker.embedded] the daemon connects to its own broker (remove one or the other)".into(),
             ));
         }
-        if embedded.max_clients == 0 || embedded.max_queued_messages == 0 {
+        if embedded.max_clients == 0
+            || embedded.max_queued_messages == 0
+            || embedded.max_inflight == 0
+        {
             let key = if embedded.max_clients == 0 {
                 "max_clients"
-            } else {
+            } else if embedded.max_queued_messages == 0 {
                 "max_queued_messages"
+            } else {
+                "max_inflight"
             };
             return Err(bad(
                 format!("broker.embedded.{key}"),

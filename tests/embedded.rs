@@ -816,3 +816,215 @@ fn tls_listener_with_client_certificates() {
         "{err}"
     );
 }
+
+/// Holds a 3.1.1 connection open (polling it on a thread); the CONNACK's outcome.
+fn hold(port: u16, id: &str, user: &str, password: &str) -> (rumqttc::Client, Result<(), String>) {
+    let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    o.set_credentials(user, password);
+    let (client, mut connection) = rumqttc::Client::new(o, 10);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for event in connection.iter() {
+            let outcome = match event {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => Ok(()),
+                Err(e) => Err(e.to_string()),
+                Ok(_) => continue,
+            };
+            let failed = outcome.is_err();
+            if let Some(tx) = tx.take() {
+                let _ = tx.send(outcome);
+            }
+            if failed {
+                return;
+            }
+        }
+    });
+    let outcome = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| Err("no CONNACK within 30 s".into()));
+    (client, outcome)
+}
+
+/// The limits a LAN needs, on a daemon's embedded broker with users: a flood of bad
+/// connections (not MQTT, a CONNECT claiming a 256 MiB packet, an unknown protocol
+/// level, wrong passwords) is closed without growing the daemon, a user guessed at is
+/// locked out while others are not, `max_clients` refuses the one too many,
+/// `max_inflight` is announced to MQTT 5 clients, and a good client is answered
+/// throughout, nothing lost.
+#[test]
+fn abuse_limits_hold_and_good_clients_stay_served() {
+    use std::io::{Read, Write};
+    let dir = TempDir::new("abuse");
+    let config = write_config_embedded(&dir.0, "127.0.0.1:0", "abuse-daemon", None);
+    let pw = dir.0.join("passwd");
+    for (user, password) in [("good", "g-1"), ("target", "t-3")] {
+        passwd(&pw, user, password);
+    }
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "password_file = \"{}\"\nmax_clients = 5\nmax_inflight = 10\n",
+        pw.display()
+    ));
+    std::fs::write(&config, &text).unwrap();
+    let mut daemon = Daemon::start(&config);
+    let port = embedded_port(&daemon);
+    let good = Device::connect_with_credentials(port, "good-1", "good", "g-1");
+    wait_online(&good);
+    let pid = daemon.0.id();
+
+    // max_clients = 5: the daemon, `good`, three more held open, and the next refused.
+    let held: Vec<_> = (0..3)
+        .map(|i| hold(port, &format!("held-{i}"), "good", "g-1"))
+        .collect();
+    for (_, ok) in &held {
+        assert_eq!(ok, &Ok(()));
+    }
+    let (_, refused) = hold(port, "one-too-many", "good", "g-1");
+    assert!(refused.is_err(), "max_clients let a sixth client in");
+    for (client, _) in &held {
+        client.disconnect().unwrap();
+    }
+    drop(held);
+    // Room again once the broker has seen them go.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (client, ok) = hold(port, "room-again", "good", "g-1");
+        if ok.is_ok() {
+            client.disconnect().unwrap();
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "max_clients never freed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // MQTT 5 clients are told max_inflight in CONNACK.
+    {
+        let mut o = rumqttc::v5::MqttOptions::new("v5-inflight", "127.0.0.1", port);
+        o.set_credentials("good", "g-1");
+        let (_client, mut connection) = rumqttc::v5::Client::new(o, 10);
+        let mut announced = None;
+        for event in connection.iter() {
+            if let Ok(Event::Incoming(Packet::ConnAck(ack))) = event {
+                announced = ack.properties.and_then(|p| p.receive_max);
+                break;
+            }
+        }
+        assert_eq!(announced, Some(10));
+    }
+
+    // Warm (engine states, buffers) before the memory baseline.
+    for id in 100..120 {
+        good.publish(
+            "in/ner/good",
+            format!(r#"{{"id": {id}, "text": "Ana vive en Lima."}}"#),
+        );
+    }
+    let warm = good.collect(Duration::from_secs(60), |g| {
+        g.iter().filter(|(t, _)| t == "out/ner/good").count() >= 20
+    });
+    assert_eq!(warm.iter().filter(|(t, _)| t == "out/ner/good").count(), 20);
+    let (rss_before, _) = rss_of(pid).unwrap();
+
+    // The flood: 60 connections of garbage at once, each closed by the broker: a
+    // CONNECT that claims more than the broker takes and an unknown protocol level at
+    // once, bytes that never make a CONNECT when its connect timeout (10 s) passes.
+    let junk: [&[u8]; 3] = [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        // CONNECT, remaining length 268,435,455 (the largest MQTT can say), then little.
+        &[
+            0x10, 0xff, 0xff, 0xff, 0x7f, 0, 4, b'M', b'Q', b'T', b'T', 5,
+        ],
+        // CONNECT for MQTT protocol level 9.
+        &[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 9, 2, 0, 60, 0, 0],
+    ];
+    let flood = std::time::Instant::now();
+    let sockets: Vec<(usize, std::net::TcpStream)> = (0..60)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let _ = s.write_all(junk[i % 3]);
+            (i % 3, s)
+        })
+        .collect();
+    // The good client is answered while they are open.
+    for round in 0..20 {
+        good.publish(
+            "in/ner/good",
+            format!(r#"{{"id": {round}, "text": "Ana vive en Lima."}}"#),
+        );
+    }
+    let mut slowest = [Duration::ZERO; 3];
+    // The two that must close at once first: time runs from the flood's start.
+    let mut sockets = sockets;
+    sockets.sort_by_key(|(kind, _)| *kind == 0);
+    for (kind, mut s) in sockets {
+        let mut buf = [0u8; 64];
+        // Closed (0 bytes or a reset), possibly after a refusing CONNACK; a read that
+        // times out means the broker kept it open.
+        let closed = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(_) => continue,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    break false
+                }
+                Err(_) => break true,
+            }
+        };
+        assert!(closed, "{:?} left open for 30 s", junk[kind]);
+        slowest[kind] = slowest[kind].max(flood.elapsed());
+    }
+    println!("60 bad connections closed; the last of each kind after {slowest:?}");
+    assert!(slowest[1] < Duration::from_secs(5) && slowest[2] < Duration::from_secs(5));
+
+    let answered = good.collect(Duration::from_secs(60), |g| {
+        g.iter().filter(|(t, _)| t == "out/ner/good").count() >= 20
+    });
+    let ids: HashSet<i64> = answered
+        .iter()
+        .filter(|(t, _)| t == "out/ner/good")
+        .filter_map(|(_, v)| v["id"].as_i64())
+        .collect();
+    assert_eq!(ids, (0..20).collect::<HashSet<i64>>(), "{answered:?}");
+
+    let (rss_after, _) = rss_of(pid).unwrap();
+    println!("daemon RSS before the flood {rss_before} B, after {rss_after} B");
+    assert!(
+        rss_after < rss_before + (8 << 20),
+        "the flood grew the daemon from {rss_before} to {rss_after} bytes"
+    );
+    // Wrong passwords: after five, the address is locked out (mqtt5's limiter keys on
+    // the address), even with a right password; clients already connected from it
+    // stay served.
+    assert_eq!(connack(port, "good-2", Some(("good", "g-1"))), Ok(()));
+    for i in 0..6 {
+        assert!(connack(port, &format!("guess-{i}"), Some(("target", "wrong"))).is_err());
+    }
+    let locked = connack(port, "guess-right", Some(("target", "t-3")));
+    assert!(locked.is_err(), "the guessing address was not locked out");
+    assert!(
+        daemon.log().contains("rate limit exceeded"),
+        "{}",
+        daemon.log()
+    );
+
+    for round in 20..30 {
+        good.publish(
+            "in/ner/good",
+            format!(r#"{{"id": {round}, "text": "Ana vive en Lima."}}"#),
+        );
+    }
+    let after = good.collect(Duration::from_secs(60), |g| {
+        g.iter().filter(|(t, _)| t == "out/ner/good").count() >= 10
+    });
+    let ids: HashSet<i64> = after.iter().filter_map(|(_, v)| v["id"].as_i64()).collect();
+    assert_eq!(ids, (20..30).collect::<HashSet<i64>>(), "{after:?}");
+    daemon.terminate();
+}

@@ -506,7 +506,7 @@ impl Device {
         Device::connect_with(opts)
     }
 
-    fn connect_with(mut opts: MqttOptions) -> Device {
+    pub fn connect_with(mut opts: MqttOptions) -> Device {
         opts.set_keep_alive(Duration::from_secs(5));
         // Room for the oversize payloads the daemon must answer (1 MiB and more).
         opts.set_max_packet_size(8 << 20, 8 << 20);

@@ -40,9 +40,10 @@ pub fn daemon_secret() -> std::io::Result<String> {
 
 use crate::config::Embedded;
 
-/// Failed logins per address and user name within a minute before that pair is
-/// refused for five minutes (mqtt5's rate limiter, its defaults): a password
-/// guesser slows to a crawl, other users and addresses are not affected.
+/// Failed logins per address within a minute before every login from that address is
+/// refused for five minutes (mqtt5's rate limiter, its defaults, keyed on the address):
+/// a password guesser slows to a crawl; other addresses, clients already connected
+/// and the daemon's own client (checked before the limiter) are not affected.
 const LOGIN_ATTEMPTS: u32 = 5;
 const LOGIN_WINDOW_S: u64 = 60;
 const LOGIN_LOCKOUT_S: u64 = 300;

@@ -72,6 +72,7 @@ impl Broker {
         let mut broker_config = BrokerConfig::new()
             .with_bind_address(config.listen)
             .with_max_clients(config.max_clients)
+            .with_server_receive_maximum(config.max_inflight)
             .with_max_packet_size(daemon.max_packet_bytes.saturating_sub(FORWARD_HEADROOM))
             .with_max_retained_messages(config.max_retained_messages)
             .with_max_retained_message_size(daemon.max_packet_bytes)
