@@ -486,16 +486,7 @@ fn embedded_broker_and_responses_config_errors_name_the_key() {
     let run = |toml: &str| {
         let path = dir.0.join("c.toml");
         std::fs::write(&path, toml).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_anotador"))
-            .args(["check", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned()
-                + &String::from_utf8_lossy(&out.stdout),
-        )
+        check(&path)
     };
     let config = write_config_embedded(&dir.0, "127.0.0.1:0", "c", None);
     allow_responses(&config, "reply/#");
@@ -527,6 +518,20 @@ fn embedded_broker_and_responses_config_errors_name_the_key() {
             run(&base.replace("responses = \"reply/#\"", &format!("responses = \"{bad}\"")));
         assert!(!ok && out.contains("routes[0].responses"), "{bad}: {out}");
     }
+}
+
+/// `anotador check --config PATH`: whether it passed, and what it printed (stderr
+/// first, where a refusal names its key).
+fn check(config: &std::path::Path) -> (bool, String) {
+    let out = Command::new(anotador_bin())
+        .args(["check", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
+    )
 }
 
 /// The 3.1.1 CONNACK these credentials get: Ok, or the refusal.
@@ -584,12 +589,8 @@ fn passwd(file: &std::path::Path, user: &str, password: &str) {
 fn network_listener_needs_users_and_each_user_gets_its_rights_only() {
     let dir = TempDir::new("users");
     let config = write_config_embedded(&dir.0, "0.0.0.0:0", "users-daemon", None);
-    let refused = Command::new(anotador_bin())
-        .args(["check", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let why = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success());
+    let (ok, why) = check(&config);
+    assert!(!ok);
     for needle in [
         "broker.embedded.listen",
         "password_file",
@@ -795,26 +796,12 @@ fn tls_listener_with_client_certificates() {
     // check: the TLS keys go together, and a non-loopback tls_listen needs users.
     let broken = text.replace(&format!("key_file = \"{}\"\n", file("server.key")), "");
     std::fs::write(&config, broken).unwrap();
-    let out = Command::new(anotador_bin())
-        .args(["check", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("broker.embedded.key_file"),
-        "{err}"
-    );
+    let (ok, err) = check(&config);
+    assert!(!ok && err.contains("broker.embedded.key_file"), "{err}");
     let open = text.replace("tls_listen = \"127.0.0.1:0\"", "tls_listen = \"0.0.0.0:0\"");
     std::fs::write(&config, open).unwrap();
-    let out = Command::new(anotador_bin())
-        .args(["check", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("broker.embedded.tls_listen"),
-        "{err}"
-    );
+    let (ok, err) = check(&config);
+    assert!(!ok && err.contains("broker.embedded.tls_listen"), "{err}");
 }
 
 /// Holds a 3.1.1 connection open (polling it on a thread); the CONNACK's outcome.

@@ -16,7 +16,6 @@
 
 use std::arch::x86_64::*;
 
-use super::epilogue;
 use super::panels::{Panels, NR};
 use super::Epilogue;
 
@@ -71,15 +70,10 @@ pub unsafe fn matmul(
             for r in 0..(rows - r0).min(MR) {
                 _mm256_storeu_si256(tile[r].as_mut_ptr() as *mut __m256i, acc[r][0]);
                 _mm256_storeu_si256(tile[r].as_mut_ptr().add(8) as *mut __m256i, acc[r][1]);
-                let (corr, scale) = ep.row(r0 + r);
-                epilogue::row(
+                ep.apply(
                     &tile[r],
-                    corr,
-                    scale,
-                    &ep.colsum[col0..],
-                    &ep.wscale[col0..],
-                    &ep.bias[col0..],
-                    ep.activation,
+                    r0 + r,
+                    col0,
                     &mut out[(r0 + r) * w.n + col0..][..cols],
                 );
             }

@@ -1,7 +1,7 @@
 //! The dequantization every int8 kernel ends with, written once: exact i32 sums in,
 //! `((sum + corr·colsum) as f32) · (scale·wscale) + bias` out, then the activation —
 //! onnxruntime's `MatMulInteger → Cast → Mul → Add` in the same order of rounding.
-//! Our own kernels call [`row`] on a tile still in L1 from inside their
+//! Our own kernels call [`Epilogue::apply`] on a tile still in L1 from inside their
 //! `#[target_feature]` code; the i32 matrices of tract-linalg and rten-gemm go
 //! through [`rows`], compiled for this CPU by `multiversion!` (as baseline SSE2 it
 //! was a third of a message on an AVX-512 server).
@@ -13,7 +13,7 @@ use crate::engine::simd::multiversion;
 /// values; `corr` is the row's zero-point correction, `scale` its activation scale.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn row(
+fn row(
     sums: &[i32],
     corr: i32,
     scale: f32,
@@ -62,20 +62,29 @@ pub fn row(
     }
 }
 
+impl Epilogue<'_> {
+    /// Row `r`'s sums for the columns starting at `col0` into `out` (as many columns
+    /// as `out` holds): [`row`] with this row's correction and scale.
+    #[inline(always)]
+    pub fn apply(&self, sums: &[i32], r: usize, col0: usize, out: &mut [f32]) {
+        let (corr, scale) = self.row(r);
+        row(
+            sums,
+            corr,
+            scale,
+            &self.colsum[col0..],
+            &self.wscale[col0..],
+            &self.bias[col0..],
+            self.activation,
+            out,
+        );
+    }
+}
+
 #[inline(always)]
 fn rows_generic(c: &[i32], ldc: usize, n: usize, ep: &Epilogue, out: &mut [f32]) {
     for (r, dst) in out.chunks_exact_mut(n).enumerate() {
-        let (corr, scale) = ep.row(r);
-        row(
-            &c[r * ldc..],
-            corr,
-            scale,
-            ep.colsum,
-            ep.wscale,
-            ep.bias,
-            ep.activation,
-            dst,
-        );
+        ep.apply(&c[r * ldc..], r, 0, dst);
     }
 }
 

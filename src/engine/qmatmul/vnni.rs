@@ -14,7 +14,6 @@
 
 use std::arch::x86_64::*;
 
-use super::epilogue;
 use super::panels::{Panels, NR};
 use super::Epilogue;
 
@@ -197,17 +196,11 @@ unsafe fn block<W: Width, const REGS: usize>(
             for (j, &v) in acc[r].iter().enumerate() {
                 W::store(tile[r].as_mut_ptr().add(j * W::LANES), v);
             }
-            let (corr, scale) = ep.row(r0 + r);
-            let dst = &mut out[(r0 + r) * w.n + cols0..][..cols];
-            epilogue::row(
+            ep.apply(
                 &tile[r],
-                corr,
-                scale,
-                &ep.colsum[cols0..],
-                &ep.wscale[cols0..],
-                &ep.bias[cols0..],
-                ep.activation,
-                dst,
+                r0 + r,
+                cols0,
+                &mut out[(r0 + r) * w.n + cols0..][..cols],
             );
         }
     }

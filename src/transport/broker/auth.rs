@@ -166,17 +166,26 @@ impl AuthProvider for Access {
     }
 }
 
+/// The lines of a password or ACL file that say something (trimmed; not blank, not a
+/// `#` comment), with their index from 0.
+fn entries(path: &Path) -> Result<Vec<(usize, String)>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .enumerate()
+        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+        .map(|(i, l)| (i, l.to_string()))
+        .collect())
+}
+
 /// Reads a password file as the broker will, refusing what it would skip: a line
 /// without `user:hash`, a hash argon2 cannot parse, the daemon's own name, a user
 /// twice. Returns the users.
 pub fn check_password_file(path: &Path) -> Result<Vec<String>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut users = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
+    for (i, line) in entries(path)? {
+        let line = line.as_str();
         let at = |why: &str| format!("{} line {}: {why}", path.display(), i + 1);
         let (user, hash) = line
             .split_once(':')
@@ -200,13 +209,8 @@ pub fn check_password_file(path: &Path) -> Result<Vec<String>, String> {
 
 /// Reads an ACL file as mqtt5 will, refusing the lines it would skip.
 pub fn check_acl_file(path: &Path) -> Result<usize, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut rules = 0;
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
+    for (i, line) in entries(path)? {
         let at = |why: &str| format!("{} line {}: {why}", path.display(), i + 1);
         let w: Vec<&str> = line.split_whitespace().collect();
         match w[0] {
