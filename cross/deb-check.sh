@@ -2,6 +2,7 @@
 # Checks a package made by cross/deb.sh:  cross/deb-check.sh DEB TARGET
 # - dpkg-deb -c: every expected path, owned by root;
 # - dpkg-deb -I: the control fields, the conffile, the maintainer scripts;
+# - the manual pages (man -w, rendered without warnings) and shell completions;
 # - systemd-analyze verify on the packaged unit, when systemd-analyze is there;
 # - the packaged binary runs `anotador check` on the packaged configuration, with
 #   the packaged models (natively for x86_64, under qemu-user for ARM targets).
@@ -20,6 +21,13 @@ expected=(
   ./lib/systemd/system/anotador.service
   ./usr/share/doc/anotador/copyright
   ./usr/share/doc/anotador/MODEL-DATA-LICENSES.md
+  ./usr/share/doc/anotador/changelog.gz
+  ./usr/share/doc/anotador/changelog.Debian.gz
+  ./usr/share/man/man1/anotador.1.gz
+  ./usr/share/man/man1/anotador-run.1.gz
+  ./usr/share/bash-completion/completions/anotador
+  ./usr/share/zsh/vendor-completions/_anotador
+  ./usr/share/fish/vendor_completions.d/anotador.fish
 )
 for m in ner-es pos-es emotion-es; do
   for f in model.onnx tokenizer.json config.json README.md; do
@@ -57,6 +65,26 @@ unit="$root/lib/systemd/system/anotador.service"
 grep -q '^ExecStart=/usr/bin/anotador run --config /etc/anotador/anotador.toml$' "$unit" || fail "ExecStart"
 grep -q '^ExecStartPre=/usr/bin/anotador check --config /etc/anotador/anotador.toml$' "$unit" || fail "ExecStartPre"
 grep -q '^Type=notify$' "$unit" || fail "Type=notify"
+
+# The manual: man finds every page in the unpacked tree (man -w, as `man anotador`
+# would on the device) and renders each without a warning; one page per subcommand
+# that `anotador --help` lists. The completions: bash parses its script, and each
+# names the subcommands.
+man_dir="$root/usr/share/man"
+page="$(MANPATH="$man_dir" man -w anotador)" || fail "man -w anotador finds no page"
+[ "$page" = "$man_dir/man1/anotador.1.gz" ] || fail "man -w anotador: $page"
+subcommands=(annotate eval run ask bench passwd check generate)
+for s in "" "${subcommands[@]}"; do
+  name="anotador${s:+-$s}"
+  MANPATH="$man_dir" man -w "$name" >/dev/null || fail "man -w $name finds no page"
+  warnings="$(LC_ALL=C.UTF-8 MANWIDTH=80 man --warnings -E UTF-8 -l "$man_dir/man1/$name.1.gz" 2>&1 >/dev/null)"
+  [ -z "$warnings" ] || fail "$name.1: $warnings"
+done
+bash -n "$root/usr/share/bash-completion/completions/anotador" || fail "bash completion: syntax"
+for f in bash-completion/completions/anotador zsh/vendor-completions/_anotador fish/vendor_completions.d/anotador.fish; do
+  for s in "${subcommands[@]}"; do grep -qw -- "$s" "$root/usr/share/$f" || fail "$f does not name $s"; done
+done
+echo "man: $(ls "$man_dir/man1" | wc -l) pages (man -w anotador: ${page#"$root"}), none with a warning; completions: bash (parses), zsh, fish"
 
 # systemd-analyze verify wants the executables to exist: verify a copy whose
 # /usr/bin/anotador points into the unpacked package. It exits 0 on unknown keys or

@@ -2,7 +2,8 @@
 # Installs what cross builds, emulated tests and packages need, only when absent:
 #   cross/setup.sh TARGET...
 # Debian packages (bookworm): the cross gcc/binutils and libc headers of each
-# target, qemu-user, jq (JSON comparison in cross/check.sh); rustup: the target's
+# target, qemu-user, jq (JSON comparison in cross/check.sh), man-db and lintian
+# (cross/deb-check.sh, .ci/run); rustup: the target's
 # std (and the pinned toolchain where the default one ships none, see env.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,10 @@ for t in "$@"; do
   rust_targets+=("$t")
 done
 need jq
+# Packages: man (deb-check renders the manual pages) and lintian (Debian's package
+# checker, run on the amd64 package in CI).
+need man-db
+need lintian
 if [ ${#pkgs[@]} -gt 0 ]; then
   echo "apt: ${pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

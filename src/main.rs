@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use anotador::engine::{Int8Path, KernelChoice, Rewrites};
 use anotador::eval::DataFormat;
@@ -13,10 +13,20 @@ use anotador::message::PayloadFormat;
 use anotador::transport::lines;
 use anotador::{Annotator, Bundle, TaskOptions};
 
+mod manual;
+
 #[derive(Parser)]
 #[command(
     version,
-    about = "Offline Spanish text annotation with int8 transformer encoders"
+    about = "Offline Spanish text annotation with int8 transformer encoders",
+    long_about = "Offline Spanish text annotation with int8 transformer encoders.\n\n\
+anotador runs int8-quantized ONNX encoders (ALBERT, DistilBERT, BERT) through tract and \
+answers with named entities, part-of-speech tags, text and text-pair classes or \
+extractive answers, as JSON shaped like the Hugging Face pipelines' output. `anotador \
+run` is the daemon: it takes messages from MQTT topics (an external broker such as \
+Mosquitto, or the one it embeds) and publishes exactly one result or one structured \
+error for each; `anotador annotate` does the same for the lines of a file. Nothing is \
+downloaded at run time: a model is a bundle folder made by the export tool."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -78,6 +88,13 @@ enum Command {
         limit: Option<usize>,
     },
     /// Run the MQTT daemon.
+    ///
+    /// Loads every model of the configuration, connects to its broker (or starts the
+    /// embedded one), subscribes to each route's topics and publishes one result or one
+    /// structured error for every message taken; a message is acknowledged only once
+    /// its answer is. SIGHUP reloads models and routes between two messages; SIGTERM
+    /// stops taking messages and lets those taken finish. Under systemd it reports
+    /// readiness and feeds the watchdog.
     Run {
         /// The TOML configuration (see config/anotador.toml).
         #[arg(long, default_value = "/etc/anotador/anotador.toml")]
@@ -120,8 +137,6 @@ enum Command {
         #[arg(long, hide = true)]
         one: Option<anotador::bench::Candidate>,
     },
-    /// Validate a configuration and load every model (or just bundles) without connecting;
-    /// non-zero exit on any problem.
     /// Add or replace a user of the embedded broker's password_file (argon2 hash;
     /// a new file is created 0600). The password is asked twice on the terminal, or
     /// read from the first line of stdin with --stdin.
@@ -135,7 +150,10 @@ enum Command {
         #[arg(long)]
         stdin: bool,
     },
+    /// Validate a configuration and load every model (or just bundles) without connecting;
+    /// non-zero exit on any problem.
     Check {
+        /// The TOML configuration to validate; its models are loaded, nothing connects.
         #[arg(long, required_unless_present = "models")]
         config: Option<PathBuf>,
         /// Bundle folders.
@@ -147,6 +165,25 @@ enum Command {
         /// For --model: the int8 kernel (auto or a name, as `annotate --kernel`).
         #[arg(long, default_value = "auto")]
         kernel: KernelChoice,
+    },
+    /// Write the manual pages, or print shell completions (what the Debian package
+    /// installs; for an installation from source).
+    #[command(subcommand)]
+    Generate(Generate),
+}
+
+#[derive(Subcommand)]
+enum Generate {
+    /// Write anotador.1 and one page per subcommand (anotador-run.1, ...) into DIR.
+    Man {
+        /// The folder to write into, e.g. /usr/local/share/man/man1.
+        dir: PathBuf,
+    },
+    /// Print the completion script for SHELL on stdout, e.g.
+    /// `anotador generate completions bash > ~/.local/share/bash-completion/completions/anotador`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
 }
 
@@ -301,9 +338,22 @@ fn main() -> anyhow::Result<()> {
             anotador::transport::broker::auth::set_password(&file, &user, &password)
                 .map_err(|why| anyhow::anyhow!(why))?;
             eprintln!(
-                "{}: {user} set; a running daemon reads it on restart",
+                "{}: {user} set; a running daemon reads it on reload (SIGHUP) or restart",
                 file.display()
             );
+            Ok(())
+        }
+        Command::Generate(Generate::Man { dir }) => {
+            for page in manual::write_pages(Cli::command(), &dir)
+                .with_context(|| format!("writing manual pages into {}", dir.display()))?
+            {
+                println!("{}", page.display());
+            }
+            Ok(())
+        }
+        Command::Generate(Generate::Completions { shell }) => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "anotador", &mut std::io::stdout());
             Ok(())
         }
         Command::Check {

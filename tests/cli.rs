@@ -336,3 +336,75 @@ fn kernel_flag_forces_the_kernel_and_refuses_what_cannot_run() {
     assert!(!ok);
     assert!(stderr.contains("expected auto or one of"), "{stderr}");
 }
+
+/// The manual and completions come from the same clap definitions the binary parses
+/// with: a page for every subcommand `--help` lists, and completion scripts that name
+/// every subcommand and, for bash, parse. (cross/deb-check.sh renders each page of the
+/// package with `man --warnings`, which needs man-db, installed there.)
+#[test]
+fn generate_writes_a_page_per_subcommand_and_completions_for_each_shell() {
+    let (help, _, ok) = anotador(&["--help"], b"");
+    assert!(ok);
+    // The subcommands as --help lists them ("  annotate  Annotate lines ...").
+    let listed: Vec<String> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|name| name != "help")
+        .collect();
+    assert!(
+        listed.len() >= 8 && listed.iter().any(|c| c == "run"),
+        "{listed:?}"
+    );
+
+    let dir = std::env::temp_dir().join(format!("anotador-man-{}", std::process::id()));
+    let (out, err, ok) = anotador(&["generate", "man", dir.to_str().unwrap()], b"");
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.lines().count(),
+        std::fs::read_dir(&dir).unwrap().count()
+    );
+    let main = std::fs::read_to_string(dir.join("anotador.1")).unwrap();
+    assert!(main.lines().any(|l| l.starts_with(".TH anotador 1 ")), "{}", &main[..120]);
+    for section in ["SYNOPSIS", "SUBCOMMANDS", "FILES", "SIGNALS", "SEE ALSO"] {
+        assert!(main.contains(&format!(".SH {section}")), "no {section}");
+    }
+    for name in &listed {
+        let page = dir.join(format!("anotador-{name}.1"));
+        let text =
+            std::fs::read_to_string(&page).unwrap_or_else(|e| panic!("{}: {e}", page.display()));
+        assert!(
+            main.contains(&format!("anotador\\-{name}")),
+            "anotador.1 does not name {name}"
+        );
+        assert!(text.contains(".SH OPTIONS"), "{name}: no options");
+    }
+    // An option's text reaches its page.
+    let run = std::fs::read_to_string(dir.join("anotador-run.1")).unwrap();
+    assert!(run.contains("/etc/anotador/anotador.toml"));
+    for shell in ["bash", "zsh", "fish"] {
+        let (script, err, ok) = anotador(&["generate", "completions", shell], b"");
+        assert!(ok, "{shell}: {err}");
+        for name in &listed {
+            assert!(
+                script.contains(name.as_str()),
+                "{shell} completion lacks {name}"
+            );
+        }
+        if shell == "bash" {
+            let path = dir.join("anotador.bash");
+            std::fs::write(&path, &script).unwrap();
+            let parsed = Command::new("bash").arg("-n").arg(&path).output().unwrap();
+            assert!(
+                parsed.status.success(),
+                "{}",
+                String::from_utf8_lossy(&parsed.stderr)
+            );
+        }
+    }
+    let (_, err, ok) = anotador(&["generate", "completions", "tcsh"], b"");
+    assert!(!ok && err.contains("tcsh"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
