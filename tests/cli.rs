@@ -367,7 +367,11 @@ fn generate_writes_a_page_per_subcommand_and_completions_for_each_shell() {
         std::fs::read_dir(&dir).unwrap().count()
     );
     let main = std::fs::read_to_string(dir.join("anotador.1")).unwrap();
-    assert!(main.lines().any(|l| l.starts_with(".TH anotador 1 ")), "{}", &main[..120]);
+    assert!(
+        main.lines().any(|l| l.starts_with(".TH anotador 1 ")),
+        "{}",
+        &main[..120]
+    );
     for section in ["SYNOPSIS", "SUBCOMMANDS", "FILES", "SIGNALS", "SEE ALSO"] {
         assert!(main.contains(&format!(".SH {section}")), "no {section}");
     }

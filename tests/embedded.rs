@@ -1015,3 +1015,139 @@ fn abuse_limits_hold_and_good_clients_stay_served() {
     assert_eq!(ids, (20..30).collect::<HashSet<i64>>(), "{after:?}");
     daemon.terminate();
 }
+
+/// Connects persistent 3.1.1 session `id` with a will on `gone/ID`, subscribes it to
+/// `topic` and drops the connection without DISCONNECT. Returns once `watcher` got the
+/// will: mqtt5 publishes it after it has released the session from the router, so
+/// what is published after that is queued for the session, not sent down its socket.
+fn leave_abruptly(port: u16, id: &str, topic: &str, watcher: &std::sync::mpsc::Receiver<String>) {
+    use rumqttc::{Client, Event as E, Incoming, MqttOptions as O, QoS as Q};
+    let mut opts = O::new(id, "127.0.0.1", port);
+    opts.set_clean_session(false);
+    opts.set_last_will(rumqttc::LastWill::new(
+        format!("gone/{id}"),
+        "gone",
+        Q::AtLeastOnce,
+        false,
+    ));
+    let (client, mut connection) = Client::new(opts, 10);
+    client.subscribe(topic, Q::AtLeastOnce).unwrap();
+    for event in connection.iter() {
+        match event {
+            Ok(E::Incoming(Incoming::SubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("{id}: {e}"),
+        }
+    }
+    // Dropping the event loop closes the socket: no DISCONNECT, so the will fires.
+    drop(connection);
+    drop(client);
+    let will = watcher.recv_timeout(Duration::from_secs(60));
+    assert_eq!(will.as_deref(), Ok(format!("gone/{id}").as_str()));
+}
+
+/// Reconnects persistent session `id` and returns the `id` fields of what the broker
+/// sends it, in order, up to and including `last`.
+fn take_backlog(port: u16, id: &str, last: i64) -> Vec<i64> {
+    use rumqttc::{Client, Event as E, Incoming, MqttOptions as O};
+    let mut opts = O::new(id, "127.0.0.1", port);
+    opts.set_clean_session(false);
+    let (_client, mut connection) = Client::new(opts, 10);
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for event in connection.iter() {
+        assert!(std::time::Instant::now() < deadline, "{id}: only {got:?}");
+        match event {
+            Ok(E::Incoming(Incoming::Publish(p))) => {
+                let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                got.push(v["id"].as_i64().unwrap());
+                if got.last() == Some(&last) {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => panic!("{id}: {e} (got {got:?})"),
+        }
+    }
+    got
+}
+
+/// `max_queued_messages` bounds what the broker keeps for a persistent session that is
+/// away, in memory and in `data_dir`, also across a SIGKILL of the daemon: the oldest
+/// go, the newest are delivered on reconnecting, in order.
+#[test]
+fn away_session_queue_keeps_the_newest_within_max_queued_messages() {
+    for storage in ["memory", "data_dir"] {
+        let dir = TempDir::new(&format!("queue-limit-{storage}"));
+        let data = dir.0.join("broker");
+        let data_dir = (storage == "data_dir").then_some(data.as_path());
+        let config = write_config_embedded(&dir.0, "127.0.0.1:0", "queue-limit-daemon", data_dir);
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str("max_queued_messages = 5\n");
+        std::fs::write(&config, text).unwrap();
+        let mut daemon = Daemon::start(&config);
+        let port = embedded_port(&daemon);
+        pin_embedded_port(&config, port);
+
+        let (wills_tx, wills) = std::sync::mpsc::channel();
+        let watcher = {
+            use rumqttc::{Client, Event as E, Incoming, MqttOptions as O, QoS as Q};
+            let (client, mut connection) =
+                Client::new(O::new("will-watcher", "127.0.0.1", port), 10);
+            client.subscribe("gone/#", Q::AtLeastOnce).unwrap();
+            let (ready_tx, ready) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for event in connection.iter() {
+                    match event {
+                        Ok(E::Incoming(Incoming::SubAck(_))) => {
+                            let _ = ready_tx.send(());
+                        }
+                        Ok(E::Incoming(Incoming::Publish(p))) => {
+                            if wills_tx.send(p.topic).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+            });
+            ready.recv_timeout(Duration::from_secs(30)).unwrap();
+            client
+        };
+        leave_abruptly(port, "away-311", "feed/q", &wills);
+        let sensor = AckedPublisher::connect(port, "queue-limit-sensor");
+        for id in 0..10 {
+            sensor.publish("feed/q", id, "Hola");
+        }
+        assert_eq!(
+            take_backlog(port, "away-311", 9),
+            (5..10).collect::<Vec<_>>(),
+            "{storage}: the away session's backlog"
+        );
+        assert!(
+            daemon.log().contains("per-client queue limit reached"),
+            "{}",
+            daemon.log()
+        );
+
+        if storage == "data_dir" {
+            // Away again, ten more acknowledged, the daemon killed: the bound and the
+            // newest five survive the restart.
+            leave_abruptly(port, "away-311", "feed/q", &wills);
+            for id in 10..20 {
+                sensor.publish("feed/q", id, "Hola");
+            }
+            daemon.kill();
+            drop(sensor);
+            drop(watcher);
+            let daemon = Daemon::start(&config);
+            assert_eq!(embedded_port(&daemon), port);
+            assert_eq!(
+                take_backlog(port, "away-311", 19),
+                (15..20).collect::<Vec<_>>(),
+                "data_dir, after SIGKILL: the away session's backlog"
+            );
+        }
+    }
+}
