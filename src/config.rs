@@ -644,6 +644,8 @@ impl Broker {
                 auth::check_acl_file(file)
                     .map_err(|why| bad("broker.embedded.acl_file".into(), why))?;
             }
+            crate::transport::broker::tls::settings(embedded)
+                .map_err(|(key, why)| bad(format!("broker.embedded.{key}"), why))?;
         }
         if let Some(dir) = &embedded.data_dir {
             if dir.exists() && !dir.is_dir() {

@@ -45,7 +45,7 @@ pub fn run(path: &Path) -> Result<(), DaemonError> {
         let (address, embedded) = broker(&config).await?;
         #[cfg(feature = "broker")]
         let signals = match &embedded {
-            Some(b) => reload_users_on_hup(signals, path.to_path_buf(), b.users()),
+            Some(b) => reload_broker_on_hup(signals, path.to_path_buf(), b.reloadable()),
             None => signals,
         };
         let served = mqtt::serve(path.to_path_buf(), config, address, models, health, signals)
@@ -100,10 +100,10 @@ async fn broker(config: &Config) -> Result<(mqtt::Endpoint, Option<Embedded>), D
 /// password and ACL files again (the transport then reloads the rest). A bad file
 /// fails the configuration's check there too, so both keep what they had.
 #[cfg(feature = "broker")]
-fn reload_users_on_hup(
+fn reload_broker_on_hup(
     mut signals: mpsc::UnboundedReceiver<Signal>,
     path: std::path::PathBuf,
-    users: crate::transport::broker::Users,
+    broker: crate::transport::broker::Reloadable,
 ) -> mpsc::UnboundedReceiver<Signal> {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -111,14 +111,14 @@ fn reload_users_on_hup(
             if matches!(signal, Signal::Reload) {
                 let outcome = match Config::load(&path) {
                     Ok(c) => match &c.broker.embedded {
-                        Some(e) => users.reload(e).await,
+                        Some(e) => broker.reload(e).await,
                         None => Ok(()),
                     },
                     Err(e) => Err(e.to_string()),
                 };
                 if let Err(why) = outcome {
                     log::error!(
-                        "embedded broker: users and rights not reloaded, the ones in force stay: {why}"
+                        "embedded broker: users, rights and certificates not reloaded, the ones in force stay: {why}"
                     );
                 }
             }

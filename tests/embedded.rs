@@ -762,10 +762,18 @@ fn tls_listener_with_client_certificates() {
         .unwrap();
     let reader = Device::connect(port, "tls-reader");
     wait_online(&reader);
-    let publish = |extra: &[&str], id: i64| {
-        Command::new("mosquitto_pub")
+    // Certificates as the client knows them (copies: the daemon's files change below).
+    std::fs::create_dir_all(dir.0.join("known")).unwrap();
+    for f in ["ca.pem", "client.pem", "client.key"] {
+        std::fs::copy(dir.0.join(f), dir.0.join("known").join(f)).unwrap();
+    }
+    let known = |f: &str| dir.0.join("known").join(f).display().to_string();
+    // `timeout`: a broker that never finishes the handshake fails the call, not the run.
+    let publish_as = |ca: &str, extra: &[&str], id: i64| {
+        Command::new("timeout")
+            .args(["20", "mosquitto_pub"])
             .args(["-h", "127.0.0.1", "-p", &tls_port.to_string(), "-q", "1"])
-            .args(["--cafile", &file("ca.pem")])
+            .args(["--cafile", ca])
             .args(extra)
             .args(["-t", "in/ner/tls"])
             .args([
@@ -775,7 +783,13 @@ fn tls_listener_with_client_certificates() {
             .output()
             .expect("mosquitto_pub")
     };
-    let client = ["--cert", &file("client.pem"), "--key", &file("client.key")];
+    let publish = |extra: &[&str], id: i64| publish_as(&known("ca.pem"), extra, id);
+    let client = [
+        "--cert",
+        &known("client.pem"),
+        "--key",
+        &known("client.key"),
+    ];
     let ok = publish(&client, 1);
     assert!(ok.status.success(), "{ok:?}\n{}", daemon.log());
     let no_cert = publish(&[], 2);
@@ -791,7 +805,95 @@ fn tls_listener_with_client_certificates() {
         "{got:?}"
     );
     assert!(!got.iter().any(|(_, v)| v["id"] == 2), "{got:?}");
+
+    // A client that opens the TLS port and never says a word holds up nobody else
+    // (the handshake runs in a task of its own, closed after 10 s).
+    let stalled = std::net::TcpStream::connect(("127.0.0.1", tls_port)).unwrap();
+    let started = std::time::Instant::now();
+    let ok = publish(&client, 3);
+    assert!(
+        ok.status.success(),
+        "blocked behind a silent client: {ok:?}"
+    );
+    println!(
+        "TLS client served beside a silent one in {:?}",
+        started.elapsed()
+    );
+    drop(stalled);
+
+    // SIGHUP replaces the certificates: a renewed server certificate and client CA
+    // (a new authority) are served to new connections, the old ones no longer.
+    let renewed = dir.0.join("renewed");
+    std::fs::create_dir_all(&renewed).unwrap();
+    make_pki(&renewed);
+    for (from, to) in [
+        ("server.pem", "server.pem"),
+        ("server.key", "server.key"),
+        ("ca.pem", "ca.pem"),
+    ] {
+        std::fs::copy(renewed.join(from), dir.0.join(to)).unwrap();
+    }
+    daemon.signal("-HUP");
+    assert!(
+        daemon.wait_log("TLS certificates read again", 1, Duration::from_secs(30)),
+        "{}",
+        daemon.log()
+    );
+    let renewed_file = |f: &str| renewed.join(f).display().to_string();
+    let renewed_client = [
+        "--cert",
+        &renewed_file("client.pem"),
+        "--key",
+        &renewed_file("client.key"),
+    ];
+    let ok = publish_as(&renewed_file("ca.pem"), &renewed_client, 4);
+    assert!(
+        ok.status.success(),
+        "renewed certificates not served: {ok:?}\n{}",
+        daemon.log()
+    );
+    let old = publish(&client, 5);
+    assert!(!old.status.success(), "the replaced CA still verifies");
+
+    // A broken certificate file refuses the reload and keeps the ones in force.
+    std::fs::write(dir.0.join("server.pem"), "not a certificate\n").unwrap();
+    daemon.signal("-HUP");
+    assert!(
+        daemon.wait_log(
+            "not reloaded, the ones in force stay",
+            1,
+            Duration::from_secs(30)
+        ),
+        "{}",
+        daemon.log()
+    );
+    let ok = publish_as(&renewed_file("ca.pem"), &renewed_client, 6);
+    assert!(
+        ok.status.success(),
+        "a refused reload changed the certificates: {ok:?}"
+    );
+    let got = reader.collect(Duration::from_secs(60), |g| {
+        [3, 4, 6]
+            .iter()
+            .all(|id| g.iter().any(|(t, v)| t == "out/ner/tls" && v["id"] == *id))
+    });
+    let ids: HashSet<i64> = got
+        .iter()
+        .filter(|(t, _)| t == "out/ner/tls")
+        .filter_map(|(_, v)| v["id"].as_i64())
+        .collect();
+    assert_eq!(ids, HashSet::from([3, 4, 6]), "{got:?}");
     daemon.terminate();
+    // `check` reads the certificates too, naming the key at fault.
+    let (ok, err) = check(&config);
+    assert!(!ok && err.contains("broker.embedded.cert_file"), "{err}");
+    std::fs::copy(renewed.join("server.pem"), dir.0.join("server.pem")).unwrap();
+    std::fs::copy(dir.0.join("known/ca.pem"), dir.0.join("server.pem")).unwrap();
+    let (ok, err) = check(&config);
+    assert!(
+        !ok && err.contains("broker.embedded.key_file"),
+        "a certificate that is not the key's: {err}"
+    );
 
     // check: the TLS keys go together, and a non-loopback tls_listen needs users.
     let broken = text.replace(&format!("key_file = \"{}\"\n", file("server.key")), "");

@@ -17,6 +17,7 @@
 //! for a power cut (docs/broker.md: "The embedded broker").
 
 pub mod auth;
+pub mod tls;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -49,6 +50,8 @@ pub struct Broker {
     credentials: Option<(String, String)>,
     /// Who may connect, replaced on SIGHUP; `None` where anyone may.
     access: Option<Arc<auth::Access>>,
+    /// The TLS listener, whose certificates SIGHUP replaces.
+    tls: Option<tls::Listener>,
     shutdown: BrokerShutdownHandle,
     task: JoinHandle<()>,
 }
@@ -102,6 +105,14 @@ impl Broker {
         let mut broker = MqttBroker::with_config(broker_config)
             .await
             .map_err(|e| start_error(e.to_string()))?;
+        let tls = match (config.tls_listen, broker.tls_acceptor_handle()) {
+            (Some(configured), Some(handle)) => Some(tls::Listener {
+                handle,
+                mutual: config.client_ca_file.is_some(),
+                configured,
+            }),
+            _ => None,
+        };
         let (access, credentials) = match users {
             Some(users) => {
                 let secret = auth::daemon_secret().map_err(|e| start_error(e.to_string()))?;
@@ -176,6 +187,7 @@ impl Broker {
             address,
             credentials,
             access,
+            tls,
             shutdown,
             task,
         })
@@ -199,9 +211,12 @@ impl Broker {
         self.credentials.clone()
     }
 
-    /// Who may connect, for SIGHUP ([`Users::reload`]).
-    pub fn users(&self) -> Users {
-        Users(self.access.clone())
+    /// Who may connect and the TLS certificates, for SIGHUP ([`Reloadable::reload`]).
+    pub fn reloadable(&self) -> Reloadable {
+        Reloadable {
+            access: self.access.clone(),
+            tls: self.tls.clone(),
+        }
     }
 
     /// Stops accepting, closes the connections and writes out what is pending in
@@ -216,28 +231,57 @@ impl Broker {
     }
 }
 
-/// The embedded broker's users and rights, replaceable while it runs.
+/// What SIGHUP replaces in the running embedded broker: its users and rights, and
+/// the TLS listener's certificates.
 #[derive(Clone)]
-pub struct Users(Option<Arc<auth::Access>>);
+pub struct Reloadable {
+    access: Option<Arc<auth::Access>>,
+    tls: Option<tls::Listener>,
+}
 
-impl Users {
-    /// SIGHUP: reads `password_file` and `acl_file` again from the reloaded `config`;
-    /// a file that fails its check keeps the ones in force (and says why). Turning
-    /// authentication on or off needs a restart.
+impl Reloadable {
+    /// SIGHUP: reads `password_file`, `acl_file` and the TLS listener's `cert_file`,
+    /// `key_file` and `client_ca_file` again from the reloaded `config`. All or
+    /// nothing: a file that fails its check keeps every one in force (and says why).
+    /// Turning authentication or TLS on or off, moving the TLS listener or switching
+    /// client certificates on or off needs a restart.
     pub async fn reload(&self, config: &Embedded) -> Result<(), String> {
-        let Some(access) = &self.0 else {
-            if config.password_file.is_some() || config.acl_file.is_some() {
-                return Err("password_file / acl_file added: restart the daemon to apply".into());
+        tls::Listener::check_unchanged(self.tls.as_ref(), config)?;
+        let tls_settings = tls::settings(config).map_err(|(key, why)| format!("{key}: {why}"))?;
+        let users = match &self.access {
+            None if config.password_file.is_some() || config.acl_file.is_some() => {
+                return Err("password_file / acl_file added: restart the daemon to apply".into())
             }
-            return Ok(());
+            None => None,
+            Some(_) => match auth::users(config).await? {
+                Some(users) => Some(users),
+                None => {
+                    return Err(
+                        "password_file and acl_file removed: restart the daemon to apply".into(),
+                    )
+                }
+            },
         };
-        match auth::users(config).await? {
-            Some(users) => {
-                access.replace(users);
-                log::info!("embedded broker: users and rights read again");
-                Ok(())
-            }
-            None => Err("password_file and acl_file removed: restart the daemon to apply".into()),
+        let acceptor = match tls_settings {
+            Some(settings) => Some(
+                settings
+                    .build_acceptor()
+                    .map_err(|e| format!("TLS certificates: {e}"))?,
+            ),
+            None => None,
+        };
+        let mut read = Vec::new();
+        if let (Some(access), Some(users)) = (&self.access, users) {
+            access.replace(users);
+            read.push("users and rights");
         }
+        if let (Some(listener), Some(acceptor)) = (&self.tls, acceptor) {
+            listener.handle.replace(acceptor);
+            read.push("TLS certificates");
+        }
+        if !read.is_empty() {
+            log::info!("embedded broker: {} read again", read.join(" and "));
+        }
+        Ok(())
     }
 }

@@ -80,7 +80,7 @@ pub use events::{
 pub use hot_reload::HotReloadManager;
 pub use resource_monitor::{ResourceLimits, ResourceMonitor, ResourceStats};
 #[cfg(not(target_arch = "wasm32"))]
-pub use server::{BrokerShutdownHandle, MqttBroker};
+pub use server::{BrokerShutdownHandle, MqttBroker, TlsAcceptorHandle};
 #[cfg(not(target_arch = "wasm32"))]
 pub use storage::{DynamicStorage, FileBackend, MemoryBackend, Storage, StorageBackend};
 #[cfg(target_arch = "wasm32")]

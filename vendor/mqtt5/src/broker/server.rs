@@ -63,10 +63,38 @@ impl Drop for ShutdownOnDrop {
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
+/// The TLS listener's acceptor, replaceable while the broker runs (anotador patch):
+/// each handshake takes the one in force when it starts, established connections keep
+/// theirs. Lets a certificate be renewed without a restart.
+#[derive(Clone)]
+pub struct TlsAcceptorHandle(Arc<std::sync::RwLock<TlsAcceptor>>);
+
+impl TlsAcceptorHandle {
+    fn new(acceptor: TlsAcceptor) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(acceptor)))
+    }
+
+    /// Serves new TLS connections with `acceptor` from now on.
+    pub fn replace(&self, acceptor: TlsAcceptor) {
+        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = acceptor;
+    }
+
+    fn current(&self) -> TlsAcceptor {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// How long a TLS client may take to finish its handshake (anotador patch; the same
+/// bound as the CONNECT that must follow it).
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 struct BrokerListeners {
     tcp: Vec<TcpListener>,
     tls: Vec<TcpListener>,
-    tls_acceptor: Option<TlsAcceptor>,
+    tls_acceptor: Option<TlsAcceptorHandle>,
     #[cfg(feature = "transport-websocket")]
     ws: Vec<TcpListener>,
     #[cfg(feature = "transport-websocket")]
@@ -151,7 +179,7 @@ pub struct MqttBroker {
     bridge_manager: Option<Arc<BridgeManager>>,
     listeners: Vec<TcpListener>,
     tls_listeners: Vec<TcpListener>,
-    tls_acceptor: Option<TlsAcceptor>,
+    tls_acceptor: Option<TlsAcceptorHandle>,
     #[cfg(feature = "transport-websocket")]
     ws_listeners: Vec<TcpListener>,
     #[cfg(feature = "transport-websocket")]
@@ -400,6 +428,7 @@ impl MqttBroker {
             ));
         }
         let (tls_listeners, tls_acceptor) = Self::setup_tls(&config).await?;
+        let tls_acceptor = tls_acceptor.map(TlsAcceptorHandle::new);
         #[cfg(feature = "transport-quic")]
         let quic_endpoints = Self::setup_quic(&config).await?;
         #[cfg(not(feature = "transport-quic"))]
@@ -1216,16 +1245,15 @@ impl MqttBroker {
 
     fn spawn_tls_accept_tasks(
         tls_listeners: Vec<TcpListener>,
-        tls_acceptor: Option<TlsAcceptor>,
+        tls_acceptor: Option<TlsAcceptorHandle>,
         state: &AcceptLoopState,
         task_handles: &mut Vec<tokio::task::JoinHandle<()>>,
     ) {
-        let Some(tls_acceptor) = tls_acceptor else {
+        let Some(acceptor) = tls_acceptor else {
             return;
         };
-        let acceptor = Arc::new(tls_acceptor);
         for tls_listener in tls_listeners {
-            let acceptor = Arc::clone(&acceptor);
+            let acceptor = acceptor.clone();
             let state = state.clone();
             let mut shutdown_rx_tls = state.shutdown_tx.subscribe();
 
@@ -1244,39 +1272,56 @@ impl MqttBroker {
 
                                     disable_nagle(&tcp_stream, addr);
 
-                                    match accept_tls_connection(&acceptor, tcp_stream, addr).await {
-                                        Ok(tls_stream) => {
-                                            let transport = BrokerTransport::tls(tls_stream);
-
-                                            let handler = ClientHandler::new(
-                                                transport,
-                                                addr,
-                                                state.snapshot_config(),
-                                                Arc::clone(&state.router),
-                                                state.snapshot_auth(),
-                                                state.storage.clone(),
-                                                Arc::clone(&state.stats),
-                                                Arc::clone(&state.resource_monitor),
-                                                state.shutdown_tx.subscribe(),
-                                            );
-
-                                            let connection = state.connections.clone();
-                                            tokio::spawn(async move {
-                                                let outcome = handler.run().await;
-                                                drop(connection);
-                                                if let Err(e) = outcome {
-                                                    if e.is_normal_disconnect() {
-                                                        debug!("Client handler finished");
-                                                    } else {
-                                                        warn!("Client handler error: {e}");
-                                                    }
+                                    // anotador patch: the handshake runs in a task of its own,
+                                    // bounded in time, so a client that never finishes it
+                                    // cannot hold up the listener for everyone else.
+                                    let acceptor = acceptor.current();
+                                    let state = state.clone();
+                                    let mut shutdown_rx = state.shutdown_tx.subscribe();
+                                    tokio::spawn(async move {
+                                        let handshake = tokio::time::timeout(
+                                            TLS_HANDSHAKE_TIMEOUT,
+                                            accept_tls_connection(&acceptor, tcp_stream, addr),
+                                        );
+                                        let tls_stream = tokio::select! {
+                                            result = handshake => match result {
+                                                Ok(Ok(tls_stream)) => tls_stream,
+                                                Ok(Err(e)) => {
+                                                    error!("TLS handshake failed: {e}");
+                                                    return;
                                                 }
-                                            });
+                                                Err(_) => {
+                                                    warn!("TLS handshake from {addr} not finished within {}s: closed", TLS_HANDSHAKE_TIMEOUT.as_secs());
+                                                    return;
+                                                }
+                                            },
+                                            _ = shutdown_rx.recv() => return,
+                                        };
+                                        let transport = BrokerTransport::tls(tls_stream);
+
+                                        let handler = ClientHandler::new(
+                                            transport,
+                                            addr,
+                                            state.snapshot_config(),
+                                            Arc::clone(&state.router),
+                                            state.snapshot_auth(),
+                                            state.storage.clone(),
+                                            Arc::clone(&state.stats),
+                                            Arc::clone(&state.resource_monitor),
+                                            shutdown_rx,
+                                        );
+
+                                        let connection = state.connections.clone();
+                                        let outcome = handler.run().await;
+                                        drop(connection);
+                                        if let Err(e) = outcome {
+                                            if e.is_normal_disconnect() {
+                                                debug!("Client handler finished");
+                                            } else {
+                                                warn!("Client handler error: {e}");
+                                            }
                                         }
-                                        Err(e) => {
-                                            error!("TLS handshake failed: {e}");
-                                        }
-                                    }
+                                    });
                                 }
                                 Err(e) => {
                                     error!("TLS accept error: {e}");
@@ -1967,6 +2012,13 @@ impl MqttBroker {
     #[must_use]
     pub fn auth_provider(&self) -> Arc<dyn AuthProvider> {
         Arc::clone(&self.auth_provider)
+    }
+
+    /// The TLS listener's acceptor, to replace its certificates while the broker runs
+    /// (anotador patch). `None` without `tls_config`, or once `run` has started.
+    #[must_use]
+    pub fn tls_acceptor_handle(&self) -> Option<TlsAcceptorHandle> {
+        self.tls_acceptor.clone()
     }
 
     #[must_use]
