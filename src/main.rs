@@ -198,8 +198,8 @@ struct ModelArgs {
     /// quarter of the weight memory) or dequantize (fp32 weights and kernels).
     #[arg(long, default_value = "auto")]
     int8: Int8Path,
-    /// The int8 kernel: auto (this CPU's) or one of avx512-vnni, avx-vnni, avx2,
-    /// rten, tract (`anotador bench` times those this CPU runs).
+    /// The int8 kernel: auto (this CPU's) or one of amx, avx512-vnni, avx-vnni,
+    /// avx2, rten, tract (`anotador bench` times those this CPU runs).
     #[arg(long, default_value = "auto")]
     kernel: KernelChoice,
 }

@@ -18,6 +18,8 @@
 
 mod act;
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 mod epilogue;
 mod linalg;
@@ -55,6 +57,8 @@ pub enum ActivationRange {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum KernelKind {
+    /// anotador's, `tdpbusd` on AMX tiles (`amx.rs`).
+    Amx,
     /// anotador's, `vpdpbusd` on 512-bit registers (`vnni.rs`).
     Avx512Vnni,
     /// anotador's, `vpdpbusd` on 256-bit registers, for AVX-VNNI without AVX-512.
@@ -68,7 +72,8 @@ pub enum KernelKind {
 }
 
 impl KernelKind {
-    pub const ALL: [KernelKind; 5] = [
+    pub const ALL: [KernelKind; 6] = [
+        KernelKind::Amx,
         KernelKind::Avx512Vnni,
         KernelKind::AvxVnni,
         KernelKind::Avx2,
@@ -79,6 +84,7 @@ impl KernelKind {
     /// The name in configurations, on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
+            KernelKind::Amx => "amx",
             KernelKind::Avx512Vnni => "avx512-vnni",
             KernelKind::AvxVnni => "avx-vnni",
             KernelKind::Avx2 => "avx2",
@@ -91,13 +97,17 @@ impl KernelKind {
     pub fn available(self) -> bool {
         match self {
             #[cfg(target_arch = "x86_64")]
+            KernelKind::Amx => amx::available(),
+            #[cfg(target_arch = "x86_64")]
             KernelKind::Avx512Vnni => vnni::avx512_available(),
             #[cfg(target_arch = "x86_64")]
             KernelKind::AvxVnni => vnni::avx_available(),
             #[cfg(target_arch = "x86_64")]
             KernelKind::Avx2 => avx2::available(),
             #[cfg(not(target_arch = "x86_64"))]
-            KernelKind::Avx512Vnni | KernelKind::AvxVnni | KernelKind::Avx2 => false,
+            KernelKind::Amx | KernelKind::Avx512Vnni | KernelKind::AvxVnni | KernelKind::Avx2 => {
+                false
+            }
             #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
             KernelKind::Rten => rten::kernel_name().is_some(),
             #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
@@ -121,6 +131,7 @@ impl KernelKind {
         #[cfg(target_arch = "x86_64")]
         {
             [
+                KernelKind::Amx,
                 KernelKind::Avx512Vnni,
                 KernelKind::AvxVnni,
                 KernelKind::Avx2,
@@ -208,6 +219,8 @@ impl serde::Serialize for KernelChoice {
 
 #[derive(Debug)]
 enum Kernel {
+    #[cfg(target_arch = "x86_64")]
+    Amx(panels::Panels),
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni(panels::Panels),
     #[cfg(target_arch = "x86_64")]
@@ -314,6 +327,8 @@ impl QWeights {
         b.resize(padded, 0.0);
         let kernel = match kind {
             #[cfg(target_arch = "x86_64")]
+            KernelKind::Amx => Kernel::Amx(amx::pack(w, k, n)),
+            #[cfg(target_arch = "x86_64")]
             KernelKind::Avx512Vnni => Kernel::Avx512Vnni(panels::Panels::new(w, k, n)),
             #[cfg(target_arch = "x86_64")]
             KernelKind::AvxVnni => Kernel::AvxVnni(panels::Panels::new(w, k, n)),
@@ -336,6 +351,8 @@ impl QWeights {
     pub fn kernel(&self) -> KernelKind {
         match self.kernel {
             #[cfg(target_arch = "x86_64")]
+            Kernel::Amx(_) => KernelKind::Amx,
+            #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni(_) => KernelKind::Avx512Vnni,
             #[cfg(target_arch = "x86_64")]
             Kernel::AvxVnni(_) => KernelKind::AvxVnni,
@@ -350,6 +367,8 @@ impl QWeights {
     /// Name of the kernel, for the load log and the status.
     pub fn kernel_name(&self) -> String {
         match &self.kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Amx(_) => "amx (anotador, tdpbusd tiles)".into(),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni(_) => "avx512-vnni (anotador, vpdpbusd zmm)".into(),
             #[cfg(target_arch = "x86_64")]
@@ -366,7 +385,9 @@ impl QWeights {
     pub fn bytes(&self) -> usize {
         let packed = match &self.kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni(p) | Kernel::AvxVnni(p) | Kernel::Avx2(p) => p.bytes(),
+            Kernel::Amx(p) | Kernel::Avx512Vnni(p) | Kernel::AvxVnni(p) | Kernel::Avx2(p) => {
+                p.bytes()
+            }
             #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
             Kernel::Rten(p) => p.bytes(),
             Kernel::Tract(p) => p.bytes(),
@@ -413,6 +434,19 @@ impl QWeights {
             allow(unused_variables)
         )]
         SCRATCH.with_borrow_mut(|s| match &self.kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Amx(w) => {
+                let padded = rows.div_ceil(amx::MR) * amx::MR;
+                let a = s.unsigned(padded * w.kp);
+                for (r, (row, dst)) in x.chunks_exact(k).zip(a.chunks_exact_mut(w.kp)).enumerate() {
+                    quant::quantize_unsigned(row, param(r), &mut dst[..k]);
+                }
+                // SAFETY: the kernel was checked available when the weights were packed
+                // (by amx::pack); `a` holds `padded` rows of `kp` bytes, zero past K
+                // and past `rows`.
+                unsafe { amx::matmul(w, a, rows, &ep_for(Operand::Unsigned), out) };
+                Ok(())
+            }
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni(w) | Kernel::AvxVnni(w) => {
                 let padded = rows.div_ceil(vnni::MR) * vnni::MR;

@@ -18,8 +18,22 @@ pub struct Panels {
 
 impl Panels {
     pub fn new(w: &[i8], k: usize, n: usize) -> Panels {
-        let kp = k.div_ceil(4) * 4;
-        let panels = n.div_ceil(NR);
+        Panels::padded(w, k, n, 4, 1)
+    }
+
+    /// With K padded to a multiple of `k_multiple` (itself a multiple of 4) and the
+    /// panel count to a multiple of `panel_multiple`, zeros in the padding (the AMX
+    /// kernel reads whole 64-byte tiles and panels in pairs).
+    pub fn padded(
+        w: &[i8],
+        k: usize,
+        n: usize,
+        k_multiple: usize,
+        panel_multiple: usize,
+    ) -> Panels {
+        debug_assert!(k_multiple.is_multiple_of(4));
+        let kp = k.next_multiple_of(k_multiple);
+        let panels = n.div_ceil(NR).next_multiple_of(panel_multiple);
         let mut data = vec![0i8; panels * kp * NR];
         for (row, kk) in w.chunks_exact(n).zip(0..k) {
             for (col, &v) in row.iter().enumerate() {
