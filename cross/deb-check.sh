@@ -105,12 +105,7 @@ fi
 # (/usr/share/anotador/models/...), so check a copy that prefixes them with the root.
 sed "s#\"/usr/share/anotador/#\"$root/usr/share/anotador/#" "$root/etc/anotador/anotador.toml" \
   > "$root/etc/anotador/check.toml"
-runner=()
-if [ -n "$QEMU" ]; then
-  runner=("$QEMU")
-  [ -n "$QEMU_SYSROOT" ] && runner+=(-L "$QEMU_SYSROOT")
-fi
-out="$(${runner[@]+"${runner[@]}"} "$root/usr/bin/anotador" check --config "$root/etc/anotador/check.toml")" \
+out="$(run_target "$root/usr/bin/anotador" check --config "$root/etc/anotador/check.toml")" \
   || fail "anotador check --config on the packaged configuration"
 echo "anotador check (packaged binary${QEMU:+ under $QEMU}, packaged config and models): ${out#"$root"/etc/anotador/}"
 grep -q '^host = "127.0.0.1"$' "$root/etc/anotador/anotador.toml" && grep -q '^# \[broker\.embedded\]$' "$root/etc/anotador/anotador.toml" \
@@ -119,6 +114,6 @@ grep -q '^host = "127.0.0.1"$' "$root/etc/anotador/anotador.toml" && grep -q '^#
 sed -e 's|^host = |# host = |' -e 's|^port = |# port = |' \
     -e 's|^# \[broker\.embedded\]$|[broker.embedded]|' -e 's|^# listen = |listen = |' \
   "$root/etc/anotador/check.toml" > "$root/etc/anotador/check-embedded.toml"
-out="$(${runner[@]+"${runner[@]}"} "$root/usr/bin/anotador" check --config "$root/etc/anotador/check-embedded.toml")" \
+out="$(run_target "$root/usr/bin/anotador" check --config "$root/etc/anotador/check-embedded.toml")" \
   || fail "anotador check --config on the packaged configuration switched to the embedded broker"
 echo "anotador check, packaged configuration switched to [broker.embedded]: ${out#"$root"/etc/anotador/}"

@@ -4,6 +4,7 @@
 #                              tract-linalg (kernels) and ring (crypto)
 #   RUSTUP_TOOLCHAIN           only where the default toolchain ships no std for it
 #   QEMU, QEMU_SYSROOT         the qemu-user binary; -L sysroot for glibc builds
+#   run_target BIN ARGS...     runs a binary of the target (qemu-user where needed)
 #   CROSS_PREFIX, DEB_ARCH     binutils prefix (strip) and the Debian architecture
 #   DEFAULT_PROFILE            device (ARM: fat LTO, dependencies sized down) or dist (x86_64: fat LTO)
 # Linkers and default qemu runners are in .cargo/config.toml.
@@ -44,3 +45,13 @@ if [ "$cross_target" != x86_64-unknown-linux-gnu ]; then
 fi
 if command -v "${CROSS_PREFIX}-strip" >/dev/null 2>&1; then STRIP="${CROSS_PREFIX}-strip"; else STRIP=strip; fi
 export CROSS_PREFIX QEMU QEMU_SYSROOT DEB_ARCH STRIP DEFAULT_PROFILE
+
+# Runs a binary of this target: natively for x86_64, under qemu-user otherwise
+# (with -L sysroot for glibc builds). cross/check.sh adds -cpu itself.
+run_target() {
+  if [ -n "$QEMU" ]; then
+    "$QEMU" ${QEMU_SYSROOT:+-L "$QEMU_SYSROOT"} "$@"
+  else
+    "$@"
+  fi
+}

@@ -644,7 +644,7 @@ impl Broker {
                 auth::check_acl_file(file)
                     .map_err(|why| bad("broker.embedded.acl_file".into(), why))?;
             }
-            crate::transport::broker::tls::settings(embedded)
+            crate::transport::broker::tls::server_config(embedded)
                 .map_err(|(key, why)| bad(format!("broker.embedded.{key}"), why))?;
         }
         if let Some(dir) = &embedded.data_dir {

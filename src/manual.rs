@@ -28,8 +28,8 @@ README.md and docs/: daemon, broker, raspberry\-pi, batch, models, performance, 
 .TP
 \fBSIGHUP\fR
 \fBanotador run\fR reads its configuration again and switches models and routes between two
-messages (\fBsystemctl reload anotador\fR); the embedded broker's password and ACL files are
-read again too. A configuration that does not load changes nothing.
+messages (\fBsystemctl reload anotador\fR); the embedded broker's password, ACL and TLS
+certificate files are read again too. A configuration that does not load changes nothing.
 .TP
 \fBSIGTERM\fR, \fBSIGINT\fR
 Stop taking messages, let those taken finish (daemon.shutdown_timeout_s), publish the offline
@@ -63,11 +63,7 @@ pub fn write_pages(cmd: clap::Command, dir: &Path) -> std::io::Result<Vec<PathBu
     let mut cmd = cmd.disable_help_subcommand(true);
     cmd.build();
     let source = format!("anotador {}", env!("CARGO_PKG_VERSION"));
-    let subcommands: Vec<clap::Command> = cmd
-        .get_subcommands()
-        .filter(|s| !s.is_hide_set())
-        .cloned()
-        .collect();
+    let subcommands = visible(&cmd);
     let mut written = Vec::new();
     let see_also = subcommands
         .iter()
@@ -95,11 +91,7 @@ fn write_subcommand_pages(
     source: &str,
     written: &mut Vec<PathBuf>,
 ) -> std::io::Result<()> {
-    let children: Vec<clap::Command> = cmd
-        .get_subcommands()
-        .filter(|s| !s.is_hide_set())
-        .cloned()
-        .collect();
+    let children = visible(&cmd);
     written.push(write_page(
         clap_mangen::Man::new(cmd)
             .source(source)
@@ -111,6 +103,14 @@ fn write_subcommand_pages(
         write_subcommand_pages(child, dir, source, written)?;
     }
     Ok(())
+}
+
+/// The subcommands `--help` lists (each gets a page).
+fn visible(cmd: &clap::Command) -> Vec<clap::Command> {
+    cmd.get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .cloned()
+        .collect()
 }
 
 /// `anotador-run`: clap sets a subcommand's display name to the path from the top

@@ -79,18 +79,18 @@ fn request_tile_state() -> bool {
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
-impl TileConfig {
-    fn new() -> TileConfig {
-        let mut c = [0u8; 64];
-        c[0] = 1;
-        for t in 0..8 {
-            // colsb[t]: u16 at 16 + 2t; rows[t]: u8 at 48 + t.
-            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
-            c[48 + t] = 16;
-        }
-        TileConfig(c)
+static TILES: TileConfig = {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    let mut t = 0;
+    while t < 8 {
+        // colsb[t]: u16 (little-endian) at 16 + 2t; rows[t]: u8 at 48 + t.
+        c[16 + 2 * t] = 64;
+        c[48 + t] = 16;
+        t += 1;
     }
-}
+    TileConfig(c)
+};
 
 /// Weights for this kernel: panels with K padded to [`KB`] and an even panel count.
 pub fn pack(w: &[i8], k: usize, n: usize) -> Panels {
@@ -142,8 +142,7 @@ pub unsafe fn matmul(w: &Panels, a: &[u8], rows: usize, ep: &Epilogue, out: &mut
     debug_assert!(out.len() >= rows * w.n);
     let panels = w.data.len() / (kp * NR);
     debug_assert!(panels.is_multiple_of(2));
-    let config = TileConfig::new();
-    asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly, preserves_flags));
+    asm!("ldtilecfg [{}]", in(reg) TILES.0.as_ptr(), options(nostack, readonly, preserves_flags));
     // 32 rows × 32 columns of sums, rows 128 bytes apart.
     let mut sums = [0i32; 2 * MR * 2 * NR];
     let c = sums.as_mut_ptr();

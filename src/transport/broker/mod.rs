@@ -247,7 +247,8 @@ impl Reloadable {
     /// client certificates on or off needs a restart.
     pub async fn reload(&self, config: &Embedded) -> Result<(), String> {
         tls::Listener::check_unchanged(self.tls.as_ref(), config)?;
-        let tls_settings = tls::settings(config).map_err(|(key, why)| format!("{key}: {why}"))?;
+        let tls_config =
+            tls::server_config(config).map_err(|(key, why)| format!("{key}: {why}"))?;
         let users = match &self.access {
             None if config.password_file.is_some() || config.acl_file.is_some() => {
                 return Err("password_file / acl_file added: restart the daemon to apply".into())
@@ -262,21 +263,13 @@ impl Reloadable {
                 }
             },
         };
-        let acceptor = match tls_settings {
-            Some(settings) => Some(
-                settings
-                    .build_acceptor()
-                    .map_err(|e| format!("TLS certificates: {e}"))?,
-            ),
-            None => None,
-        };
         let mut read = Vec::new();
         if let (Some(access), Some(users)) = (&self.access, users) {
             access.replace(users);
             read.push("users and rights");
         }
-        if let (Some(listener), Some(acceptor)) = (&self.tls, acceptor) {
-            listener.handle.replace(acceptor);
+        if let (Some(listener), Some(tls_config)) = (&self.tls, tls_config) {
+            listener.handle.replace(Arc::new(tls_config));
             read.push("TLS certificates");
         }
         if !read.is_empty() {

@@ -11,10 +11,13 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::Embedded;
 
-/// The listener's settings from `cert_file`, `key_file` and `client_ca_file`, checked
-/// by building the rustls configuration (a key that is not the certificate's is
-/// refused there). `None` without `tls_listen`. An error names the key at fault.
-pub fn settings(config: &Embedded) -> Result<Option<TlsAcceptorConfig>, (&'static str, String)> {
+/// The listener's rustls configuration from `cert_file`, `key_file` and
+/// `client_ca_file`, as mqtt5 builds it at start (a key that is not the
+/// certificate's is refused there). `None` without `tls_listen`. An error names the
+/// key at fault. `check` builds it to refuse bad files; SIGHUP serves it.
+pub fn server_config(
+    config: &Embedded,
+) -> Result<Option<rustls::ServerConfig>, (&'static str, String)> {
     if config.tls_listen.is_none() {
         return Ok(None);
     }
@@ -33,13 +36,12 @@ pub fn settings(config: &Embedded) -> Result<Option<TlsAcceptorConfig>, (&'stati
             .with_client_ca_certs(roots)
             .with_require_client_cert(true);
     }
-    settings.build_server_config().map_err(|e| {
+    settings.build_server_config().map(Some).map_err(|e| {
         (
             "key_file",
             format!("{} with {}: {e}", cert.display(), key.display()),
         )
-    })?;
-    Ok(Some(settings))
+    })
 }
 
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {

@@ -74,9 +74,10 @@ impl TlsAcceptorHandle {
         Self(Arc::new(std::sync::RwLock::new(acceptor)))
     }
 
-    /// Serves new TLS connections with `acceptor` from now on.
-    pub fn replace(&self, acceptor: TlsAcceptor) {
-        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = acceptor;
+    /// Serves new TLS connections with `config` from now on.
+    pub fn replace(&self, config: Arc<rustls::ServerConfig>) {
+        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            TlsAcceptor::from(config);
     }
 
     fn current(&self) -> TlsAcceptor {
