@@ -3,6 +3,7 @@
 //!
 //!     cargo bench --bench compare -- [--model DIR]... [--ort PYTHON] [--max-batch N]
 //!         [--messages FILE] [--json FILE] [--kernels LIST] [--no-daemon]
+//!         [--profile BxS [--seconds N]]   # one shape only, for `perf record`
 //!
 //! Per model, and per int8 kernel (`--kernels`, a comma list of kernel names and
 //! `dequantize`; default every kernel this CPU runs and `dequantize`, all in this one
@@ -81,6 +82,15 @@ fn main() {
         .collect();
 
     println!("CPU: {}", cpu_name());
+    if let Some(shape) = flag("--profile").pop() {
+        let seconds = flag("--seconds")
+            .pop()
+            .map_or(10, |s| s.parse().expect("--seconds N"));
+        for model in &models {
+            profile(model, &messages, &paths, &shape, seconds);
+        }
+        return;
+    }
     println!(
         "SIMD level: {:?}; kernels: {}",
         anotador::engine::simd::detected(),
@@ -134,6 +144,46 @@ fn batch_json(b: &Batch) -> Value {
     })
 }
 
+/// `rows` windows of `seq` real tokens cut from `text`.
+fn shape_batch(bundle: &Arc<Bundle>, text: &str, rows: usize, seq: usize) -> Batch {
+    let options = TaskOptions {
+        window: Some(seq),
+        stride: Some(seq / 4),
+        max_windows: Some(1000),
+        ..TaskOptions::default()
+    };
+    let annotator = Annotator::new(bundle.clone(), &options).unwrap();
+    let windows = annotator.windower().encode(text, None).unwrap();
+    assert!(windows.len() > rows, "text too short for {rows}x{seq}");
+    annotator.windower().batch(&windows[..rows], seq)
+}
+
+/// `--profile BxS`: one shape, run for `seconds` on each kernel and nothing else,
+/// for `perf record` to see where its time goes.
+fn profile(model: &Path, messages: &[String], paths: &[Candidate], shape: &str, seconds: u64) {
+    let (rows, seq) = shape
+        .split_once('x')
+        .and_then(|(b, s)| Some((b.parse().ok()?, s.parse().ok()?)))
+        .expect("--profile BxS, e.g. 8x64");
+    let long = messages.join(" ");
+    for &path in paths {
+        let bundle = Arc::new(Bundle::load_with(model, path.rewrites().unwrap()).unwrap());
+        let mut state = bundle.engine.state().unwrap();
+        let batch = shape_batch(&bundle, &long, rows, seq);
+        let started = Instant::now();
+        let mut times = Vec::new();
+        while started.elapsed() < Duration::from_secs(seconds) {
+            times.push(time_run(&mut state, &batch));
+        }
+        println!(
+            "{} {shape}: {:.2} ms (median of {})",
+            path.name(),
+            median(times.clone()),
+            times.len()
+        );
+    }
+}
+
 /// One kernel's engine figures.
 struct EngineRun {
     path: Candidate,
@@ -163,16 +213,7 @@ fn bench_engine(model: &Path, messages: &[String], max_batch: usize, path: Candi
         if seq > max {
             continue;
         }
-        let options = TaskOptions {
-            window: Some(seq),
-            stride: Some(seq / 4),
-            max_windows: Some(1000),
-            ..TaskOptions::default()
-        };
-        let annotator = Annotator::new(bundle.clone(), &options).unwrap();
-        let windows = annotator.windower().encode(&long, None).unwrap();
-        assert!(windows.len() > rows, "text too short for {rows}x{seq}");
-        let batch = annotator.windower().batch(&windows[..rows], seq);
+        let batch = shape_batch(&bundle, &long, rows, seq);
         for _ in 0..2 {
             time_run(&mut state, &batch);
         }
