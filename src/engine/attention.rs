@@ -242,7 +242,7 @@ fn attend(shape: &Shape, scale: f32, inputs: Inputs, out: &mut [f32]) {
     }
     // aarch64 has fused multiply-add in every core; elsewhere `mul_add` would be a
     // libm call per element.
-    attend_generic::<{ cfg!(target_arch = "aarch64") }>(shape, scale, inputs, out)
+    attend_generic::<{ cfg!(target_arch = "aarch64") }, false>(shape, scale, inputs, out)
 }
 
 /// The same code compiled for AVX2 and FMA: the 4 × 16 accumulator tiles below
@@ -251,19 +251,24 @@ fn attend(shape: &Shape, scale: f32, inputs: Inputs, out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_avx2(shape: &Shape, scale: f32, inputs: Inputs, out: &mut [f32]) {
-    attend_generic::<true>(shape, scale, inputs, out)
+    attend_generic::<true, false>(shape, scale, inputs, out)
 }
 
-/// And for AVX-512: a 16-column tile row is one register. The same operations in
-/// the same order per element, so the same bits as AVX2.
+/// And for AVX-512, with tiles twice as wide where they fit ([`tile_zmm`]). The same
+/// operations in the same order per element, so the same bits as AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
 unsafe fn attend_avx512(shape: &Shape, scale: f32, inputs: Inputs, out: &mut [f32]) {
-    attend_generic::<true>(shape, scale, inputs, out)
+    attend_generic::<true, true>(shape, scale, inputs, out)
 }
 
 #[inline(always)]
-fn attend_generic<const FMA: bool>(shape: &Shape, scale: f32, x: Inputs, out: &mut [f32]) {
+fn attend_generic<const FMA: bool, const ZMM: bool>(
+    shape: &Shape,
+    scale: f32,
+    x: Inputs,
+    out: &mut [f32],
+) {
     let Shape {
         batch,
         seq,
@@ -293,7 +298,7 @@ fn attend_generic<const FMA: bool>(shape: &Shape, scale: f32, x: Inputs, out: &m
             }
             for i0 in (0..seq).step_by(ROWS) {
                 let rows = ROWS.min(seq - i0);
-                gemm::<FMA>(
+                gemm::<FMA, ZMM>(
                     rows,
                     seq_p,
                     dim,
@@ -309,7 +314,7 @@ fn attend_generic<const FMA: bool>(shape: &Shape, scale: f32, x: Inputs, out: &m
                     let s = &mut scores[r * seq_p..][..seq];
                     sums[r] = softmax_unnormalised(s, m, scale);
                 }
-                gemm::<FMA>(
+                gemm::<FMA, ZMM>(
                     rows,
                     dim_p,
                     seq,
@@ -338,7 +343,7 @@ fn attend_generic<const FMA: bool>(shape: &Shape, scale: f32, x: Inputs, out: &m
 /// multiply-add, and each loaded vector of `b` serves four rows.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn gemm<const FMA: bool>(
+fn gemm<const FMA: bool, const ZMM: bool>(
     m: usize,
     n: usize,
     k: usize,
@@ -364,9 +369,26 @@ fn gemm<const FMA: bool>(
     let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
     let mut i = 0;
     while i < m {
-        for j in (0..n).step_by(NR) {
-            // SAFETY: rows i..i+MR (or i) and columns j..j+NR are within the
-            // bounds asserted above.
+        let mut j = 0;
+        while j < n {
+            // SAFETY: rows i..i+MR (or i) and columns j..j+NR (2·NR) are within the
+            // bounds asserted above; `ZMM` only from AVX-512 code.
+            #[cfg(target_arch = "x86_64")]
+            if ZMM && m - i >= MR && n - j >= 2 * NR {
+                unsafe {
+                    tile_zmm(
+                        k,
+                        a.add(i * lda),
+                        lda,
+                        b.add(j),
+                        ldb,
+                        c.add(i * ldc + j),
+                        ldc,
+                    )
+                };
+                j += 2 * NR;
+                continue;
+            }
             unsafe {
                 if m - i >= MR {
                     tile::<MR, FMA>(
@@ -390,6 +412,7 @@ fn gemm<const FMA: bool>(
                     )
                 }
             }
+            j += NR;
         }
         i += if m - i >= MR { MR } else { 1 };
     }
@@ -434,6 +457,44 @@ unsafe fn tile<const R: usize, const FMA: bool>(
     }
 }
 
+/// A `MR × 2·NR` tile with AVX-512: eight zmm sums, as `tile::<MR, true>` has eight
+/// ymm with AVX2. Written as intrinsics: LLVM did not keep a generic `4 × 32`
+/// array in registers (it went through the stack element by element, 4× slower).
+/// At `4 × 16` the four zmm sums were four dependent chains of multiply-adds.
+/// Each sum is the same fused multiply-add chain over `p` as [`tile`]'s, so the
+/// same bits.
+///
+/// # Safety
+/// AVX-512 F; the bounds of [`tile`] with `2·NR` columns.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn tile_zmm(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); 2 * MR];
+    for p in 0..k {
+        let b0 = _mm512_loadu_ps(b.add(p * ldb));
+        let b1 = _mm512_loadu_ps(b.add(p * ldb + NR));
+        for r in 0..MR {
+            let av = _mm512_set1_ps(*a.add(r * lda + p));
+            acc[2 * r] = _mm512_fmadd_ps(av, b0, acc[2 * r]);
+            acc[2 * r + 1] = _mm512_fmadd_ps(av, b1, acc[2 * r + 1]);
+        }
+    }
+    for r in 0..MR {
+        _mm512_storeu_ps(c.add(r * ldc), acc[2 * r]);
+        _mm512_storeu_ps(c.add(r * ldc + NR), acc[2 * r + 1]);
+    }
+}
+
 /// `s ← exp(s·scale + mask − max)` in place; returns the sum (the caller divides
 /// by it once per output element instead of once per score).
 #[inline(always)]
@@ -444,29 +505,37 @@ fn softmax_unnormalised(s: &mut [f32], mask: &[f32], scale: f32) -> f32 {
     let mut chunks = s.chunks_exact_mut(LANES);
     let mut masks = mask.chunks_exact(LANES);
     for (sv, mv) in (&mut chunks).zip(&mut masks) {
-        for l in 0..LANES {
-            sv[l] = sv[l] * scale + mv[l];
-            // `maxps`'s own semantics (`f32::max`'s NaN rule keeps it scalar).
-            lanes[l] = if sv[l] > lanes[l] { sv[l] } else { lanes[l] };
-        }
+        // As arrays: over the slices LLVM left this loop scalar, unrolled.
+        let sv: &mut [f32; LANES] = sv.try_into().unwrap();
+        let mv: &[f32; LANES] = mv.try_into().unwrap();
+        let v: [f32; LANES] = std::array::from_fn(|l| sv[l] * scale + mv[l]);
+        *sv = v;
+        // `maxps`'s own semantics (`f32::max`'s NaN rule keeps it scalar).
+        lanes = std::array::from_fn(|l| if v[l] > lanes[l] { v[l] } else { lanes[l] });
     }
     let mut max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     for (sv, mv) in chunks.into_remainder().iter_mut().zip(masks.remainder()) {
         *sv = *sv * scale + mv;
         max = max.max(*sv);
     }
+    // The exponentials first, as one loop of their own: each is elementwise, so
+    // LLVM may take the widest vector (zmm with AVX-512) and the bits stay those of
+    // every other width. In the same loop as the eight-lane sums below they stayed
+    // at eight lanes (ymm): a sixth of attention's samples at 512 tokens.
+    for v in s.iter_mut() {
+        *v = exp_nonpositive(*v - max);
+    }
     let mut sum = [0f32; LANES];
-    let mut chunks = s.chunks_exact_mut(LANES);
+    let mut chunks = s.chunks_exact(LANES);
     for sv in &mut chunks {
+        let sv: &[f32; LANES] = sv.try_into().unwrap();
         for l in 0..LANES {
-            sv[l] = exp_nonpositive(sv[l] - max);
             sum[l] += sv[l];
         }
     }
     let mut total: f32 = sum.iter().sum();
-    for sv in chunks.into_remainder() {
-        *sv = exp_nonpositive(*sv - max);
-        total += *sv;
+    for v in chunks.remainder() {
+        total += *v;
     }
     total
 }

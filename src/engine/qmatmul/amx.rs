@@ -22,7 +22,7 @@ use std::arch::asm;
 use std::sync::OnceLock;
 
 use super::panels::{Panels, NR};
-use super::Epilogue;
+use super::{epilogue, Epilogue};
 
 /// Activation rows per tile.
 pub const MR: usize = 16;
@@ -149,14 +149,19 @@ pub unsafe fn matmul(w: &Panels, a: &[u8], rows: usize, ep: &Epilogue, out: &mut
     const LDC: usize = 2 * NR * 4;
     let chunks = kp / KB;
     let b_stride = NR * 4;
-    let mut t = 0;
-    while t < row_tiles {
-        let two = row_tiles - t >= 2;
-        let a0 = a.as_ptr().add(t * MR * kp);
-        let a1 = a0.add(MR * kp);
-        for p in (0..panels).step_by(2) {
-            let b0 = w.data.as_ptr().add(p * kp * NR);
-            let b1 = b0.add(kp * NR);
+    // Panel pairs outer: their weights (2 × 16 columns × K bytes, 24 KiB at K = 768)
+    // stay in L1 while every row tile streams past them. Rows outer read each
+    // matrix's weights once per 32 rows: for BETO's 2.3 MiB FFN matrices, from
+    // beyond L2 four times per 128-token window.
+    for p in (0..panels).step_by(2) {
+        let b0 = w.data.as_ptr().add(p * kp * NR);
+        let b1 = b0.add(kp * NR);
+        let cols0 = p * NR;
+        let mut t = 0;
+        while t < row_tiles {
+            let two = row_tiles - t >= 2;
+            let a0 = a.as_ptr().add(t * MR * kp);
+            let a1 = a0.add(MR * kp);
             asm!(
                 "tilezero tmm0",
                 "tilezero tmm1",
@@ -188,13 +193,12 @@ pub unsafe fn matmul(w: &Panels, a: &[u8], rows: usize, ep: &Epilogue, out: &mut
                 tilestored!("tmm2", c.add(MR * 2 * NR), LDC);
                 tilestored!("tmm3", c.add(MR * 2 * NR + NR), LDC);
             }
-            let cols0 = p * NR;
             if cols0 < w.n {
                 let cols = (2 * NR).min(w.n - cols0);
                 let last = rows.min((t + if two { 2 } else { 1 }) * MR);
                 for r in t * MR..last {
                     let at = (r - t * MR) * 2 * NR;
-                    ep.apply(
+                    ep.apply::<{ epilogue::ZMM }>(
                         &sums[at..at + 2 * NR],
                         r,
                         cols0,
@@ -202,8 +206,8 @@ pub unsafe fn matmul(w: &Panels, a: &[u8], rows: usize, ep: &Epilogue, out: &mut
                     );
                 }
             }
+            t += if two { 2 } else { 1 };
         }
-        t += if two { 2 } else { 1 };
     }
     // No `tilerelease` here: per call it cost 5–20 % of a short sentence's time
     // (1,915 CoNLL lines: 4.3–5.0 s without, 4.6–6.2 s with). The next call, ours or

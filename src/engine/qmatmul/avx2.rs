@@ -17,7 +17,7 @@
 use std::arch::x86_64::*;
 
 use super::panels::{Panels, NR};
-use super::Epilogue;
+use super::{epilogue, Epilogue};
 
 /// Activation rows per micro-kernel call.
 pub const MR: usize = 4;
@@ -70,7 +70,7 @@ pub unsafe fn matmul(
             for r in 0..(rows - r0).min(MR) {
                 _mm256_storeu_si256(tile[r].as_mut_ptr() as *mut __m256i, acc[r][0]);
                 _mm256_storeu_si256(tile[r].as_mut_ptr().add(8) as *mut __m256i, acc[r][1]);
-                ep.apply(
+                ep.apply::<{ epilogue::YMM }>(
                     &tile[r],
                     r0 + r,
                     col0,

@@ -15,7 +15,7 @@
 use std::arch::x86_64::*;
 
 use super::panels::{Panels, NR};
-use super::Epilogue;
+use super::{epilogue, Epilogue};
 
 /// Activation rows per tile.
 pub const MR: usize = 4;
@@ -39,6 +39,8 @@ trait Width {
     type V: Copy;
     /// i32 lanes (output columns) per register.
     const LANES: usize;
+    /// The epilogue's vector width ([`epilogue::ZMM`], [`epilogue::YMM`]).
+    const EPILOGUE: u8;
     unsafe fn zero() -> Self::V;
     /// The same four activation bytes in every lane.
     unsafe fn splat(four: i32) -> Self::V;
@@ -52,6 +54,7 @@ struct Zmm;
 impl Width for Zmm {
     type V = __m512i;
     const LANES: usize = 16;
+    const EPILOGUE: u8 = epilogue::ZMM;
     #[inline(always)]
     unsafe fn zero() -> __m512i {
         _mm512_setzero_si512()
@@ -79,6 +82,7 @@ struct Ymm;
 impl Width for Ymm {
     type V = __m256i;
     const LANES: usize = 8;
+    const EPILOGUE: u8 = epilogue::YMM;
     #[inline(always)]
     unsafe fn zero() -> __m256i {
         _mm256_setzero_si256()
@@ -196,12 +200,12 @@ unsafe fn block<W: Width, const REGS: usize>(
             for (j, &v) in acc[r].iter().enumerate() {
                 W::store(tile[r].as_mut_ptr().add(j * W::LANES), v);
             }
-            ep.apply(
-                &tile[r],
-                r0 + r,
-                cols0,
-                &mut out[(r0 + r) * w.n + cols0..][..cols],
-            );
+            let dst = &mut out[(r0 + r) * w.n + cols0..][..cols];
+            if W::EPILOGUE == epilogue::ZMM {
+                ep.apply::<{ epilogue::ZMM }>(&tile[r], r0 + r, cols0, dst);
+            } else {
+                ep.apply::<{ epilogue::YMM }>(&tile[r], r0 + r, cols0, dst);
+            }
         }
     }
 }
