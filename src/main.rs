@@ -415,19 +415,24 @@ fn bench_child(
         }
         cmd.stderr(std::process::Stdio::inherit()).output()
     });
-    match child {
-        Ok(out) if out.status.success() => Ok(serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("bench child for {}", candidate.name()))?),
-        Ok(out) => anyhow::bail!("timing {} failed: {}", candidate.name(), out.status),
-        Err(e) => {
-            eprintln!(
-                "cannot start a child ({e}): timing in this process, memory figures cumulative"
-            );
-            Ok(anotador::bench::measure(
-                model, candidate, budget, messages,
-            )?)
+    let cannot_start = match child {
+        Ok(out) if out.status.success() => {
+            return serde_json::from_slice(&out.stdout)
+                .with_context(|| format!("bench child for {}", candidate.name()))
         }
-    }
+        // 127: the binary never ran. Under qemu-user the guest C library's spawn
+        // can fall back to `/bin/sh FILE` when the kernel cannot execute FILE, and
+        // the shell says "not found"; anotador itself never exits with 127.
+        Ok(out) if out.status.code() == Some(127) => "exit status 127".to_string(),
+        Ok(out) => anyhow::bail!("timing {} failed: {}", candidate.name(), out.status),
+        Err(e) => e.to_string(),
+    };
+    eprintln!(
+        "cannot start a child ({cannot_start}): timing in this process, memory figures cumulative"
+    );
+    Ok(anotador::bench::measure(
+        model, candidate, budget, messages,
+    )?)
 }
 
 #[derive(Args)]
