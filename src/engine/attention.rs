@@ -373,43 +373,18 @@ fn gemm<const FMA: bool, const ZMM: bool>(
         while j < n {
             // SAFETY: rows i..i+MR (or i) and columns j..j+NR (2·NR) are within the
             // bounds asserted above; `ZMM` only from AVX-512 code.
-            #[cfg(target_arch = "x86_64")]
-            if ZMM && m - i >= MR && n - j >= 2 * NR {
-                unsafe {
-                    tile_zmm(
-                        k,
-                        a.add(i * lda),
-                        lda,
-                        b.add(j),
-                        ldb,
-                        c.add(i * ldc + j),
-                        ldc,
-                    )
-                };
-                j += 2 * NR;
-                continue;
-            }
             unsafe {
+                let (a, b, c) = (a.add(i * lda), b.add(j), c.add(i * ldc + j));
+                #[cfg(target_arch = "x86_64")]
+                if ZMM && m - i >= MR && n - j >= 2 * NR {
+                    tile_zmm(k, a, lda, b, ldb, c, ldc);
+                    j += 2 * NR;
+                    continue;
+                }
                 if m - i >= MR {
-                    tile::<MR, FMA>(
-                        k,
-                        a.add(i * lda),
-                        lda,
-                        b.add(j),
-                        ldb,
-                        c.add(i * ldc + j),
-                        ldc,
-                    )
+                    tile::<MR, FMA>(k, a, lda, b, ldb, c, ldc)
                 } else {
-                    tile::<1, FMA>(
-                        k,
-                        a.add(i * lda),
-                        lda,
-                        b.add(j),
-                        ldb,
-                        c.add(i * ldc + j),
-                        ldc,
-                    )
+                    tile::<1, FMA>(k, a, lda, b, ldb, c, ldc)
                 }
             }
             j += NR;

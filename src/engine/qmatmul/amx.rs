@@ -198,7 +198,8 @@ pub unsafe fn matmul(w: &Panels, a: &[u8], rows: usize, ep: &Epilogue, out: &mut
                 let last = rows.min((t + if two { 2 } else { 1 }) * MR);
                 for r in t * MR..last {
                     let at = (r - t * MR) * 2 * NR;
-                    ep.apply::<{ epilogue::ZMM }>(
+                    ep.apply(
+                        epilogue::Width::Zmm,
                         &sums[at..at + 2 * NR],
                         r,
                         cols0,

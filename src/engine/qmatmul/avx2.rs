@@ -70,7 +70,8 @@ pub unsafe fn matmul(
             for r in 0..(rows - r0).min(MR) {
                 _mm256_storeu_si256(tile[r].as_mut_ptr() as *mut __m256i, acc[r][0]);
                 _mm256_storeu_si256(tile[r].as_mut_ptr().add(8) as *mut __m256i, acc[r][1]);
-                ep.apply::<{ epilogue::YMM }>(
+                ep.apply(
+                    epilogue::Width::Ymm,
                     &tile[r],
                     r0 + r,
                     col0,

@@ -12,14 +12,13 @@ use crate::engine::simd::multiversion;
 /// One output row. `sums`, `colsum`, `wscale` and `bias` hold at least `out.len()`
 /// values; `corr` is the row's zero-point correction, `scale` its activation scale.
 ///
-/// `W`: the vector width the caller is compiled for ([`NONE`], [`YMM`], [`ZMM`]).
-/// With one, whole vectors go through [`lanes`], written as intrinsics: inside the
+/// `width`: the vector width the caller is compiled for. With one, whole vectors go through [`lanes`], written as intrinsics: inside the
 /// AMX kernel LLVM's own vectorisation of [`act::gelu_tanh16`] split the sixteen
 /// lanes into a zmm for fourteen and an xmm chain for two, doing the tanh
 /// polynomial twice (a quarter of that kernel's samples at 8 × 64 tokens).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn row<const W: u8>(
+fn row(
     sums: &[i32],
     corr: i32,
     scale: f32,
@@ -27,17 +26,21 @@ fn row<const W: u8>(
     wscale: &[f32],
     bias: &[f32],
     activation: Activation,
+    width: Width,
     out: &mut [f32],
 ) {
     let n = out.len();
     // One bounds check here instead of four per element below.
     let (sums, colsum, wscale, bias) = (&sums[..n], &colsum[..n], &wscale[..n], &bias[..n]);
+    // Only x86 has widths other than `Plain`.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = width;
     let dequant = |i: usize| {
         let total = sums[i].wrapping_add(corr.wrapping_mul(colsum[i]));
         total as f32 * (scale * wscale[i]) + bias[i]
     };
     #[cfg(target_arch = "x86_64")]
-    if W != NONE {
+    if width != Width::Plain {
         let x = At {
             sums: sums.as_ptr(),
             colsum: colsum.as_ptr(),
@@ -48,14 +51,14 @@ fn row<const W: u8>(
             scale,
             activation,
         };
-        let step = if W == ZMM { 16 } else { 8 };
+        let step = if width == Width::Zmm { 16 } else { 8 };
         let done = n - n % step;
         for c in (0..done).step_by(step) {
-            // SAFETY: the caller is compiled for `W` (its promise), so these inline;
+            // SAFETY: the caller is compiled for `width` (its promise), so these inline;
             // they read and write `step` values from `c`, and `c + step <= n`
             // where every slice holds `n`.
             unsafe {
-                if W == ZMM {
+                if width == Width::Zmm {
                     lanes_zmm(x, c)
                 } else {
                     lanes_ymm(x, c)
@@ -102,14 +105,18 @@ fn row<const W: u8>(
     }
 }
 
-/// Compiled for no vector width of its own (the caller's code decides).
-pub const NONE: u8 = 0;
-/// AVX2 + FMA: eight lanes.
-#[cfg(target_arch = "x86_64")]
-pub const YMM: u8 = 1;
-/// AVX-512 F: sixteen lanes.
-#[cfg(target_arch = "x86_64")]
-pub const ZMM: u8 = 2;
+/// The vector width the caller of [`Epilogue::apply`] is compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Width {
+    /// None of its own: plain code, vectorised as far as the caller's target allows.
+    Plain,
+    /// AVX2 + FMA: eight lanes.
+    #[cfg(target_arch = "x86_64")]
+    Ymm,
+    /// AVX-512 F: sixteen lanes.
+    #[cfg(target_arch = "x86_64")]
+    Zmm,
+}
 
 /// One row's operands for [`lanes`].
 #[cfg(target_arch = "x86_64")]
@@ -143,103 +150,97 @@ trait Vector: Copy {
     unsafe fn min(self, o: Self) -> Self;
 }
 
+/// The same eleven operations at each width, from that width's intrinsics.
+#[cfg(target_arch = "x86_64")]
+macro_rules! vector {
+    ($v:ty, $i:ty, $set1:ident, $load:ident, $store:ident, $load_i:ident, $set1_i:ident,
+     $mullo:ident, $add_i:ident, $cvt:ident, $add:ident, $mul:ident, $div:ident,
+     $max:ident, $min:ident) => {
+        impl Vector for $v {
+            type I = $i;
+            #[inline(always)]
+            unsafe fn k(v: f32) -> Self {
+                $set1(v)
+            }
+            #[inline(always)]
+            unsafe fn load(p: *const f32) -> Self {
+                $load(p)
+            }
+            #[inline(always)]
+            unsafe fn store(self, p: *mut f32) {
+                $store(p, self)
+            }
+            #[inline(always)]
+            unsafe fn load_i(p: *const i32) -> $i {
+                $load_i(p.cast())
+            }
+            #[inline(always)]
+            unsafe fn corrected(sums: $i, corr: i32, colsum: $i) -> Self {
+                $cvt($add_i(sums, $mullo($set1_i(corr), colsum)))
+            }
+            #[inline(always)]
+            unsafe fn add(self, o: Self) -> Self {
+                $add(self, o)
+            }
+            #[inline(always)]
+            unsafe fn mul(self, o: Self) -> Self {
+                $mul(self, o)
+            }
+            #[inline(always)]
+            unsafe fn div(self, o: Self) -> Self {
+                $div(self, o)
+            }
+            #[inline(always)]
+            unsafe fn max(self, o: Self) -> Self {
+                $max(self, o)
+            }
+            #[inline(always)]
+            unsafe fn min(self, o: Self) -> Self {
+                $min(self, o)
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod vector {
+    use super::Vector;
     use std::arch::x86_64::*;
 
-    impl super::Vector for __m512 {
-        type I = __m512i;
-        #[inline(always)]
-        unsafe fn k(v: f32) -> Self {
-            _mm512_set1_ps(v)
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> Self {
-            _mm512_loadu_ps(p)
-        }
-        #[inline(always)]
-        unsafe fn store(self, p: *mut f32) {
-            _mm512_storeu_ps(p, self)
-        }
-        #[inline(always)]
-        unsafe fn load_i(p: *const i32) -> __m512i {
-            _mm512_loadu_si512(p.cast())
-        }
-        #[inline(always)]
-        unsafe fn corrected(sums: __m512i, corr: i32, colsum: __m512i) -> Self {
-            _mm512_cvtepi32_ps(_mm512_add_epi32(
-                sums,
-                _mm512_mullo_epi32(_mm512_set1_epi32(corr), colsum),
-            ))
-        }
-        #[inline(always)]
-        unsafe fn add(self, o: Self) -> Self {
-            _mm512_add_ps(self, o)
-        }
-        #[inline(always)]
-        unsafe fn mul(self, o: Self) -> Self {
-            _mm512_mul_ps(self, o)
-        }
-        #[inline(always)]
-        unsafe fn div(self, o: Self) -> Self {
-            _mm512_div_ps(self, o)
-        }
-        #[inline(always)]
-        unsafe fn max(self, o: Self) -> Self {
-            _mm512_max_ps(self, o)
-        }
-        #[inline(always)]
-        unsafe fn min(self, o: Self) -> Self {
-            _mm512_min_ps(self, o)
-        }
-    }
-
-    impl super::Vector for __m256 {
-        type I = __m256i;
-        #[inline(always)]
-        unsafe fn k(v: f32) -> Self {
-            _mm256_set1_ps(v)
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> Self {
-            _mm256_loadu_ps(p)
-        }
-        #[inline(always)]
-        unsafe fn store(self, p: *mut f32) {
-            _mm256_storeu_ps(p, self)
-        }
-        #[inline(always)]
-        unsafe fn load_i(p: *const i32) -> __m256i {
-            _mm256_loadu_si256(p.cast())
-        }
-        #[inline(always)]
-        unsafe fn corrected(sums: __m256i, corr: i32, colsum: __m256i) -> Self {
-            _mm256_cvtepi32_ps(_mm256_add_epi32(
-                sums,
-                _mm256_mullo_epi32(_mm256_set1_epi32(corr), colsum),
-            ))
-        }
-        #[inline(always)]
-        unsafe fn add(self, o: Self) -> Self {
-            _mm256_add_ps(self, o)
-        }
-        #[inline(always)]
-        unsafe fn mul(self, o: Self) -> Self {
-            _mm256_mul_ps(self, o)
-        }
-        #[inline(always)]
-        unsafe fn div(self, o: Self) -> Self {
-            _mm256_div_ps(self, o)
-        }
-        #[inline(always)]
-        unsafe fn max(self, o: Self) -> Self {
-            _mm256_max_ps(self, o)
-        }
-        #[inline(always)]
-        unsafe fn min(self, o: Self) -> Self {
-            _mm256_min_ps(self, o)
-        }
-    }
+    vector!(
+        __m512,
+        __m512i,
+        _mm512_set1_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_loadu_si512,
+        _mm512_set1_epi32,
+        _mm512_mullo_epi32,
+        _mm512_add_epi32,
+        _mm512_cvtepi32_ps,
+        _mm512_add_ps,
+        _mm512_mul_ps,
+        _mm512_div_ps,
+        _mm512_max_ps,
+        _mm512_min_ps
+    );
+    vector!(
+        __m256,
+        __m256i,
+        _mm256_set1_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_loadu_si256,
+        _mm256_set1_epi32,
+        _mm256_mullo_epi32,
+        _mm256_add_epi32,
+        _mm256_cvtepi32_ps,
+        _mm256_add_ps,
+        _mm256_mul_ps,
+        _mm256_div_ps,
+        _mm256_max_ps,
+        _mm256_min_ps
+    );
 }
 
 /// One register of [`row`] from column `c`: the same operations in the same order
@@ -293,15 +294,15 @@ unsafe fn lanes_ymm(x: At, c: usize) {
 
 impl Epilogue<'_> {
     /// Row `r`'s sums for the columns starting at `col0` into `out` (as many columns
-    /// as `out` holds): [`row`] with this row's correction and scale. `W`: the
-    /// vector width the caller is compiled for ([`NONE`] where unknown).
+    /// as `out` holds): [`row`] with this row's correction and scale. `width`: the
+    /// vector width the caller is compiled for ([`Width::Plain`] where unknown).
     ///
     /// # Safety
-    /// With `W` other than [`NONE`], the CPU has that width's instructions.
+    /// With a `width` other than [`Width::Plain`], the CPU has its instructions.
     #[inline(always)]
-    pub unsafe fn apply<const W: u8>(&self, sums: &[i32], r: usize, col0: usize, out: &mut [f32]) {
+    pub unsafe fn apply(&self, width: Width, sums: &[i32], r: usize, col0: usize, out: &mut [f32]) {
         let (corr, scale) = self.row(r);
-        row::<W>(
+        row(
             sums,
             corr,
             scale,
@@ -309,6 +310,7 @@ impl Epilogue<'_> {
             &self.wscale[col0..],
             &self.bias[col0..],
             self.activation,
+            width,
             out,
         );
     }
@@ -317,8 +319,8 @@ impl Epilogue<'_> {
 #[inline(always)]
 fn rows_generic(c: &[i32], ldc: usize, n: usize, ep: &Epilogue, out: &mut [f32]) {
     for (r, dst) in out.chunks_exact_mut(n).enumerate() {
-        // SAFETY: `NONE` asks for no instructions beyond the caller's.
-        unsafe { ep.apply::<NONE>(&c[r * ldc..], r, 0, dst) };
+        // SAFETY: `Plain` asks for no instructions beyond the caller's.
+        unsafe { ep.apply(Width::Plain, &c[r * ldc..], r, 0, dst) };
     }
 }
 

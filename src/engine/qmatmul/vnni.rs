@@ -39,8 +39,8 @@ trait Width {
     type V: Copy;
     /// i32 lanes (output columns) per register.
     const LANES: usize;
-    /// The epilogue's vector width ([`epilogue::ZMM`], [`epilogue::YMM`]).
-    const EPILOGUE: u8;
+    /// The epilogue's vector width.
+    const EPILOGUE: epilogue::Width;
     unsafe fn zero() -> Self::V;
     /// The same four activation bytes in every lane.
     unsafe fn splat(four: i32) -> Self::V;
@@ -54,7 +54,7 @@ struct Zmm;
 impl Width for Zmm {
     type V = __m512i;
     const LANES: usize = 16;
-    const EPILOGUE: u8 = epilogue::ZMM;
+    const EPILOGUE: epilogue::Width = epilogue::Width::Zmm;
     #[inline(always)]
     unsafe fn zero() -> __m512i {
         _mm512_setzero_si512()
@@ -82,7 +82,7 @@ struct Ymm;
 impl Width for Ymm {
     type V = __m256i;
     const LANES: usize = 8;
-    const EPILOGUE: u8 = epilogue::YMM;
+    const EPILOGUE: epilogue::Width = epilogue::Width::Ymm;
     #[inline(always)]
     unsafe fn zero() -> __m256i {
         _mm256_setzero_si256()
@@ -201,11 +201,7 @@ unsafe fn block<W: Width, const REGS: usize>(
                 W::store(tile[r].as_mut_ptr().add(j * W::LANES), v);
             }
             let dst = &mut out[(r0 + r) * w.n + cols0..][..cols];
-            if W::EPILOGUE == epilogue::ZMM {
-                ep.apply::<{ epilogue::ZMM }>(&tile[r], r0 + r, cols0, dst);
-            } else {
-                ep.apply::<{ epilogue::YMM }>(&tile[r], r0 + r, cols0, dst);
-            }
+            ep.apply(W::EPILOGUE, &tile[r], r0 + r, cols0, dst);
         }
     }
 }
