@@ -60,47 +60,60 @@ fn max_delta(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// ALBERT's tanh-GELU and BERT's and DistilBERT's erf-GELU each become one node
+/// per layer call, and on the int8 path move into the matmul before them, with the
+/// logits those of the unfused graph.
 #[test]
 fn gelu_fusion_keeps_outputs_and_happens() {
-    let dir = fixture("albert-token");
-    // On the dequantized path, so that only the GELU differs between the two.
-    let fused = load(&dir, Int8Rewrite::Dequantize);
-    assert_eq!(
-        fused.info().rewrites.gelu_fused,
-        2,
-        "one tanh-GELU per ALBERT layer call"
-    );
-    let plain = Engine::load_with(
-        &dir,
-        Rewrites {
-            fuse_gelu: false,
-            int8: Int8Rewrite::Dequantize,
-            ..Rewrites::default()
-        },
-    )
-    .unwrap();
-    let a = fused.state().unwrap().run(&batch()).unwrap();
-    let b = plain.state().unwrap().run(&batch()).unwrap();
-    let d = max_delta(&a.values, &b.values);
-    assert!(d < 1e-4, "fused GELU changed logits by {d}");
-
-    // On the int8 path the GELU moves into the epilogue of the matmul before it.
-    let native = |fuse_gelu| {
-        Engine::load_with(
+    for (name, calls) in [
+        ("albert-token", 2),
+        ("bert-token", 2),
+        ("distilbert-seq", 2),
+    ] {
+        let dir = fixture(name);
+        // On the dequantized path, so that only the GELU differs between the two.
+        let fused = load(&dir, Int8Rewrite::Dequantize);
+        assert_eq!(
+            fused.info().rewrites.gelu_fused,
+            calls,
+            "{name}: one GELU per layer call"
+        );
+        let plain = Engine::load_with(
             &dir,
             Rewrites {
-                fuse_gelu,
-                ..Rewrites::for_path(Int8Path::Native)
+                fuse_gelu: false,
+                int8: Int8Rewrite::Dequantize,
+                ..Rewrites::default()
             },
         )
-        .unwrap()
-    };
-    let (folded, plain) = (native(true), native(false));
-    assert_eq!(folded.info().rewrites.gelu_into_matmul, 2);
-    let a = folded.state().unwrap().run(&batch()).unwrap();
-    let b = plain.state().unwrap().run(&batch()).unwrap();
-    let d = max_delta(&a.values, &b.values);
-    assert!(d < 1e-4, "GELU in the int8 epilogue changed logits by {d}");
+        .unwrap();
+        assert_eq!(plain.info().rewrites.gelu_fused, 0);
+        let a = fused.state().unwrap().run(&batch()).unwrap();
+        let b = plain.state().unwrap().run(&batch()).unwrap();
+        let d = max_delta(&a.values, &b.values);
+        assert!(d < 1e-4, "{name}: fused GELU changed logits by {d}");
+
+        // On the int8 path the GELU moves into the epilogue of the matmul before it.
+        let native = |fuse_gelu| {
+            Engine::load_with(
+                &dir,
+                Rewrites {
+                    fuse_gelu,
+                    ..Rewrites::for_path(Int8Path::Native)
+                },
+            )
+            .unwrap()
+        };
+        let (folded, plain) = (native(true), native(false));
+        assert_eq!(folded.info().rewrites.gelu_into_matmul, calls, "{name}");
+        let a = folded.state().unwrap().run(&batch()).unwrap();
+        let b = plain.state().unwrap().run(&batch()).unwrap();
+        let d = max_delta(&a.values, &b.values);
+        assert!(
+            d < 1e-4,
+            "{name}: GELU in the int8 epilogue changed logits by {d}"
+        );
+    }
 }
 
 fn load(dir: &Path, int8: Int8Rewrite) -> Engine {

@@ -247,7 +247,7 @@ impl Engine {
         let mut registry = qmatmul::Registry::hold();
         let rewrites = rewrite::rewrite(graph, which, &mut registry);
         log::info!(
-            "{}: {}/{} MatMulInteger int8 ({} weights, {:.1} MiB packed, kernels {:?}), {} dequantized ({} weights), fused {} tanh-GELU ({} into the matmul before), {} layer norms ({} with their residual add), {} self-attentions",
+            "{}: {}/{} MatMulInteger int8 ({} weights, {:.1} MiB packed, kernels {:?}), {} dequantized ({} weights), fused {} GELU ({} into the matmul before), {} layer norms ({} with their residual add), {} self-attentions",
             path.display(),
             rewrites.matmul_integer_fused,
             rewrites.matmul_integer_total,

@@ -19,6 +19,9 @@
 //! 2. `fuse_tanh_gelu`: tract 0.23 leaves the exported tanh-GELU of ALBERT
 //!    (`0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`) as eight element-wise ops with
 //!    a scalar `powf`; one `Gelu(approximate="tanh")` node runs a fused kernel.
+//!    `fuse_erf_gelu` turns BERT's and DistilBERT's five-node `0.5·x·(1 + erf(x/√2))`
+//!    into `Gelu(x)`. Either, right after an int8 matmul, then runs in that
+//!    matmul's epilogue, on values still in registers.
 //! 3. `fuse_layer_norm`: each `LayerNormalization`, with the residual `Add` before
 //!    it, becomes one [`LayerNorm`](super::layer_norm) node.
 //! 4. `fuse_attention`: each head-split self-attention (reshapes and transposes into
@@ -53,11 +56,12 @@ pub struct RewriteReport {
     pub packed_weight_bytes: usize,
     /// The int8 kernels multiplying them (name → matrices).
     pub int8_kernels: std::collections::BTreeMap<String, usize>,
-    /// tanh-GELUs computed in the epilogue of the int8 matmul before them.
+    /// GELUs (tanh or erf) computed in the epilogue of the int8 matmul before them.
     pub gelu_into_matmul: usize,
     /// `LayerNormalization` nodes run as one op, and residual adds folded into them.
     pub layer_norm_fused: usize,
     pub residual_add_fused: usize,
+    /// GELU subgraphs (tanh or erf) turned into one `Gelu` node.
     pub gelu_fused: usize,
     /// Self-attention subgraphs run as one op.
     pub attention_fused: usize,
@@ -137,6 +141,7 @@ pub fn rewrite(graph: &mut GraphProto, which: Rewrites, registry: &mut Registry)
     }
     if which.fuse_gelu {
         fuse_tanh_gelu(graph, &mut report);
+        fuse_erf_gelu(graph, &mut report);
     }
     if which.fuse_gelu {
         // The GELU pattern's own nodes still read the matmul's output until the
@@ -760,20 +765,124 @@ fn fuse_tanh_gelu(graph: &mut GraphProto, report: &mut RewriteReport) {
     }
 }
 
-/// `Gelu(approximate="tanh")` of an int8 matmul's output, when it is that output's
-/// only reader, moves into the matmul's epilogue.
+/// Finds `Mul(Mul(x, Add(Erf(Div(x, √2)), 1)), 0.5)` (the order torch exports
+/// `x·0.5·(1 + erf(x/√2))` in) or `Mul(Mul(x, 0.5), Add(Erf(…), 1))`, with
+/// `Mul(x, 1/√2)` for the division and operands in any order, and replaces the last
+/// `Mul` by `Gelu(x)` (exact). Anchored on the `Erf`, as tract's own fusion is.
+fn fuse_erf_gelu(graph: &mut GraphProto, report: &mut RewriteReport) {
+    let consts = Consts::new(graph);
+    let index = Index::new(graph);
+    let outputs: HashSet<&String> = graph.output.iter().map(|o| &o.name).collect();
+    let node_of = |value: &str| index.producer.get(value).map(|&i| &graph.node[i]);
+    // The one reader of `value`, when it has that type and `value` is internal.
+    let next = |value: &str, op: &str| {
+        index
+            .sole_consumer(value)
+            .filter(|_| !outputs.contains(&value.to_string()))
+            .filter(|&i| graph.node[i].op_type == op)
+    };
+    let is_const = |value: &str, expected: f32| {
+        scalar(&consts, value)
+            .is_some_and(|v| (v - expected).abs() <= 1e-3 * expected.abs().max(1.0))
+    };
+    let other_than_const = |node: &NodeProto, expected: f32| -> Option<String> {
+        match (&node.input[0], &node.input[1]) {
+            (l, r) if is_const(r, expected) => Some(l.clone()),
+            (l, r) if is_const(l, expected) => Some(r.clone()),
+            _ => None,
+        }
+    };
+    let binary = |n: &NodeProto| n.input.len() == 2;
+    let sqrt2 = std::f32::consts::SQRT_2;
+
+    let mut replacements = Vec::new();
+    for erf in graph.node.iter().filter(|n| n.op_type == "Erf") {
+        let Some(scaled) = node_of(&erf.input[0]).filter(|n| binary(n)) else {
+            continue;
+        };
+        let x = match scaled.op_type.as_str() {
+            "Div" if is_const(&scaled.input[1], sqrt2) => scaled.input[0].clone(),
+            "Mul" => match other_than_const(scaled, 1.0 / sqrt2) {
+                Some(x) => x,
+                None => continue,
+            },
+            _ => continue,
+        };
+        let Some(add1) = next(&erf.output[0], "Add").map(|i| &graph.node[i]) else {
+            continue;
+        };
+        if !binary(add1) || other_than_const(add1, 1.0).as_ref() != Some(&erf.output[0]) {
+            continue;
+        }
+        let Some(prod_ix) = next(&add1.output[0], "Mul") else {
+            continue;
+        };
+        let prod = &graph.node[prod_ix];
+        if !binary(prod) {
+            continue;
+        }
+        let factor = if prod.input[0] == add1.output[0] {
+            &prod.input[1]
+        } else {
+            &prod.input[0]
+        };
+        let last = if *factor == x {
+            // x·(1 + erf) then ·0.5.
+            match next(&prod.output[0], "Mul") {
+                Some(i)
+                    if binary(&graph.node[i])
+                        && other_than_const(&graph.node[i], 0.5).as_ref()
+                            == Some(&prod.output[0]) =>
+                {
+                    i
+                }
+                _ => continue,
+            }
+        } else {
+            // (x·0.5)·(1 + erf).
+            let half = node_of(factor).filter(|n| n.op_type == "Mul" && binary(n));
+            if half.and_then(|h| other_than_const(h, 0.5)).as_ref() != Some(&x) {
+                continue;
+            }
+            prod_ix
+        };
+        replacements.push((
+            last,
+            NodeProto {
+                name: format!("{}_gelu_erf", graph.node[last].name),
+                op_type: "Gelu".into(),
+                input: vec![x],
+                output: graph.node[last].output.clone(),
+                ..Default::default()
+            },
+        ));
+    }
+    report.gelu_fused += replacements.len();
+    for (ix, node) in replacements {
+        graph.node[ix] = node;
+    }
+}
+
+/// `Gelu` (tanh or exact) of an int8 matmul's output, when it is that output's only
+/// reader, moves into the matmul's epilogue.
 fn fold_gelu_into_qmatmul(graph: &mut GraphProto) -> usize {
     let index = Index::new(graph);
     let outputs: HashSet<&String> = graph.output.iter().map(|o| &o.name).collect();
     let mut folds = Vec::new();
     for (ix, gelu) in graph.node.iter().enumerate() {
-        let tanh = gelu
-            .attribute
-            .iter()
-            .any(|a| a.name == "approximate" && a.s == b"tanh");
-        if gelu.op_type != "Gelu" || !tanh || gelu.input.len() != 1 {
+        if gelu.op_type != "Gelu" || gelu.input.len() != 1 {
             continue;
         }
+        let approximate = gelu
+            .attribute
+            .iter()
+            .find(|a| a.name == "approximate")
+            .map_or(&b"none"[..], |a| &a.s[..]);
+        let activation = match approximate {
+            b"tanh" => qmatmul::Activation::GeluTanh,
+            b"none" => qmatmul::Activation::GeluErf,
+            _ => continue,
+        };
         let x = &gelu.input[0];
         let Some(&mm) = index.producer.get(x) else {
             continue;
@@ -782,17 +891,19 @@ fn fold_gelu_into_qmatmul(graph: &mut GraphProto) -> usize {
             && index.sole_consumer(x) == Some(ix)
             && !outputs.contains(x)
         {
-            folds.push((mm, ix));
+            folds.push((mm, ix, activation));
         }
     }
     let count = folds.len();
     let mut dead = HashSet::new();
-    for (mm, gelu) in folds {
+    for (mm, gelu, activation) in folds {
         let output = graph.node[gelu].output[0].clone();
         let node = &mut graph.node[mm];
         node.output[0] = output;
-        node.attribute
-            .push(int_attribute(qmatmul::ATTR_ACTIVATION, 1));
+        node.attribute.push(int_attribute(
+            qmatmul::ATTR_ACTIVATION,
+            activation.attribute(),
+        ));
         dead.insert(gelu);
     }
     let mut ix = 0;

@@ -66,42 +66,23 @@ fn row(
             }
         }
         for (i, o) in out.iter_mut().enumerate().skip(done) {
-            *o = match activation {
-                Activation::None => dequant(i),
-                Activation::GeluTanh => act::gelu_tanh(dequant(i)),
-            };
+            *o = activation.of(dequant(i));
         }
         return;
     }
-    match activation {
-        Activation::None => {
-            // In sixteens for the same reason as below: as a plain loop inside the
-            // kernels it stayed scalar (`vcvtsi2ss`, `vaddss`).
-            let done = n - n % 16;
-            let (whole, rest) = out.split_at_mut(done);
-            for (c, o) in whole.chunks_exact_mut(16).enumerate() {
-                let v: [f32; 16] = std::array::from_fn(|j| dequant(c * 16 + j));
-                o.copy_from_slice(&v);
-            }
-            for (i, o) in rest.iter_mut().enumerate() {
-                *o = dequant(done + i);
-            }
-        }
-        Activation::GeluTanh => {
-            // Sixteen lanes at a time, written as fixed arrays: as a plain loop LLVM
-            // vectorised the tanh polynomial's two halves against each other in one
-            // xmm register and left the elements scalar (a profile on AVX-512 had
-            // the epilogue's `vaddss`/`vdivss` as a fifth of the VNNI kernel).
-            let done = n - n % 16;
-            let (whole, rest) = out.split_at_mut(done);
-            for (c, o) in whole.chunks_exact_mut(16).enumerate() {
-                let v: [f32; 16] = std::array::from_fn(|j| dequant(c * 16 + j));
-                o.copy_from_slice(&act::gelu_tanh16(v));
-            }
-            for (i, o) in rest.iter_mut().enumerate() {
-                *o = act::gelu_tanh(dequant(done + i));
-            }
-        }
+    // Sixteen lanes at a time, written as fixed arrays: as a plain loop LLVM
+    // vectorised the tanh polynomial's two halves against each other in one xmm
+    // register and left the elements scalar (a profile on AVX-512 had the
+    // epilogue's `vaddss`/`vdivss` as a fifth of the VNNI kernel), and without an
+    // activation the loop stayed scalar inside the kernels (`vcvtsi2ss`, `vaddss`).
+    let done = n - n % 16;
+    let (whole, rest) = out.split_at_mut(done);
+    for (c, o) in whole.chunks_exact_mut(16).enumerate() {
+        let v: [f32; 16] = std::array::from_fn(|j| dequant(c * 16 + j));
+        o.copy_from_slice(&activation.of16(v));
+    }
+    for (i, o) in rest.iter_mut().enumerate() {
+        *o = activation.of(dequant(done + i));
     }
 }
 
@@ -143,19 +124,24 @@ trait Vector: Copy {
     /// `sums + corr · colsum` in wrapping i32, as f32.
     unsafe fn corrected(sums: Self::I, corr: i32, colsum: Self::I) -> Self;
     unsafe fn add(self, o: Self) -> Self;
+    unsafe fn sub(self, o: Self) -> Self;
     unsafe fn mul(self, o: Self) -> Self;
     unsafe fn div(self, o: Self) -> Self;
     /// `maxps`/`minps`: the second operand wins when either is NaN.
     unsafe fn max(self, o: Self) -> Self;
     unsafe fn min(self, o: Self) -> Self;
+    /// `|self|`, by clearing the sign bit.
+    unsafe fn abs(self) -> Self;
+    /// `self` (non-negative) with the sign bit of `s`, as `f32::copysign`.
+    unsafe fn sign_of(self, s: Self) -> Self;
 }
 
-/// The same eleven operations at each width, from that width's intrinsics.
+/// The same operations at each width, from that width's intrinsics.
 #[cfg(target_arch = "x86_64")]
 macro_rules! vector {
     ($v:ty, $i:ty, $set1:ident, $load:ident, $store:ident, $load_i:ident, $set1_i:ident,
-     $mullo:ident, $add_i:ident, $cvt:ident, $add:ident, $mul:ident, $div:ident,
-     $max:ident, $min:ident) => {
+     $mullo:ident, $add_i:ident, $cvt:ident, $add:ident, $sub:ident, $mul:ident, $div:ident,
+     $max:ident, $min:ident, $and_i:ident, $or_i:ident, $to_i:ident, $to_f:ident) => {
         impl Vector for $v {
             type I = $i;
             #[inline(always)]
@@ -183,6 +169,10 @@ macro_rules! vector {
                 $add(self, o)
             }
             #[inline(always)]
+            unsafe fn sub(self, o: Self) -> Self {
+                $sub(self, o)
+            }
+            #[inline(always)]
             unsafe fn mul(self, o: Self) -> Self {
                 $mul(self, o)
             }
@@ -197,6 +187,15 @@ macro_rules! vector {
             #[inline(always)]
             unsafe fn min(self, o: Self) -> Self {
                 $min(self, o)
+            }
+            #[inline(always)]
+            unsafe fn abs(self) -> Self {
+                $to_f($and_i($to_i(self), $set1_i(i32::MAX)))
+            }
+            #[inline(always)]
+            unsafe fn sign_of(self, s: Self) -> Self {
+                let sign = $and_i($to_i(s), $set1_i(i32::MIN));
+                $to_f($or_i($to_i(self), sign))
             }
         }
     };
@@ -219,10 +218,15 @@ mod vector {
         _mm512_add_epi32,
         _mm512_cvtepi32_ps,
         _mm512_add_ps,
+        _mm512_sub_ps,
         _mm512_mul_ps,
         _mm512_div_ps,
         _mm512_max_ps,
-        _mm512_min_ps
+        _mm512_min_ps,
+        _mm512_and_si512,
+        _mm512_or_si512,
+        _mm512_castps_si512,
+        _mm512_castsi512_ps
     );
     vector!(
         __m256,
@@ -236,15 +240,21 @@ mod vector {
         _mm256_add_epi32,
         _mm256_cvtepi32_ps,
         _mm256_add_ps,
+        _mm256_sub_ps,
         _mm256_mul_ps,
         _mm256_div_ps,
         _mm256_max_ps,
-        _mm256_min_ps
+        _mm256_min_ps,
+        _mm256_and_si256,
+        _mm256_or_si256,
+        _mm256_castps_si256,
+        _mm256_castsi256_ps
     );
 }
 
 /// One register of [`row`] from column `c`: the same operations in the same order
-/// as `dequant` and [`act::gelu_tanh`] (no fused multiply-add), so the same bits.
+/// as `dequant` and [`act::gelu_tanh`] or [`act::gelu_erf`] (no fused
+/// multiply-add), so the same bits.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn lanes<V: Vector>(x: At, c: usize) {
@@ -271,6 +281,21 @@ unsafe fn lanes<V: Vector>(x: At, c: usize) {
                 q = q.mul(y2).add(k(b));
             }
             k(0.5).mul(v).mul(k(1.0).add(p.div(q)))
+        }
+        Activation::GeluErf => {
+            let z = v.mul(k(std::f32::consts::FRAC_1_SQRT_2));
+            let a = z.abs();
+            let mut p = k(act::ERF[5]).mul(a);
+            for &c in act::ERF[..5].iter().rev() {
+                p = k(c).add(p).mul(a);
+            }
+            let p = p.add(k(1.0));
+            let p = p.mul(p);
+            let p = p.mul(p);
+            let p = p.mul(p);
+            let p = p.mul(p);
+            let e = k(1.0).sub(k(1.0).div(p));
+            v.mul(k(0.5)).mul(e.sign_of(z).add(k(1.0)))
         }
     };
     y.store(x.out.add(c));

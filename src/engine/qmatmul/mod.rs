@@ -252,6 +252,19 @@ pub enum Activation {
     None,
     /// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, ALBERT's `gelu_new`.
     GeluTanh,
+    /// `0.5·x·(1 + erf(x/√2))`, BERT's and DistilBERT's GELU.
+    GeluErf,
+}
+
+impl Activation {
+    /// The value of [`ATTR_ACTIVATION`] that stands for it.
+    pub fn attribute(self) -> i64 {
+        match self {
+            Activation::None => 0,
+            Activation::GeluTanh => 1,
+            Activation::GeluErf => 2,
+        }
+    }
 }
 
 /// The activation bytes a kernel's sums were taken over, which decides the
@@ -664,7 +677,7 @@ impl TypedOp for QMatMul {
 /// The ONNX node type the load-time rewrite writes in place of a chain.
 pub const ONNX_OP: &str = "AnotadorQMatMul";
 /// Its attributes: the weights' key in [`Registry`], the activation range and
-/// the function applied after the bias (0 none, 1 tanh-GELU).
+/// the function applied after the bias ([`Activation::attribute`]).
 pub const ATTR_KEY: &str = "weights";
 pub const ATTR_RANGE: &str = "per_tensor";
 pub const ATTR_ACTIVATION: &str = "activation";
@@ -727,10 +740,15 @@ pub fn parse(
         .attribute
         .iter()
         .any(|a| a.name == ATTR_RANGE && a.i != 0);
-    let gelu = node
+    let code = node
         .attribute
         .iter()
-        .any(|a| a.name == ATTR_ACTIVATION && a.i == 1);
+        .find(|a| a.name == ATTR_ACTIVATION)
+        .map_or(0, |a| a.i);
+    let activation = [Activation::None, Activation::GeluTanh, Activation::GeluErf]
+        .into_iter()
+        .find(|a| a.attribute() == code)
+        .with_context(|| format!("AnotadorQMatMul: unknown activation {code}"))?;
     let weights = Registry::get(key).context("AnotadorQMatMul weights not registered")?;
     let op = QMatMul {
         weights,
@@ -739,11 +757,7 @@ pub fn parse(
         } else {
             ActivationRange::Row
         },
-        activation: if gelu {
-            Activation::GeluTanh
-        } else {
-            Activation::None
-        },
+        activation,
     };
     Ok((expand(op), vec![]))
 }
@@ -867,17 +881,15 @@ mod tests {
                 for level in supported() {
                     for range in [ActivationRange::Row, ActivationRange::Tensor] {
                         let expected = naive(&x, rows, &w, k, n, 0.01, &b, range);
-                        for activation in [Activation::None, Activation::GeluTanh] {
+                        for activation in
+                            [Activation::None, Activation::GeluTanh, Activation::GeluErf]
+                        {
                             let mut out = vec![0f32; rows * n];
                             with_level(level, || {
                                 q.matmul(&x, rows, range, activation, &mut out).unwrap()
                             });
-                            let expected: Vec<f32> = match activation {
-                                Activation::None => expected.clone(),
-                                Activation::GeluTanh => {
-                                    expected.iter().map(|&v| act::gelu_tanh(v)).collect()
-                                }
-                            };
+                            let expected: Vec<f32> =
+                                expected.iter().map(|&v| activation.of(v)).collect();
                             assert_eq!(
                                 out, expected,
                                 "{kind} {level:?} {range:?} {activation:?} {rows}×{k}×{n}"
@@ -888,40 +900,35 @@ mod tests {
                 }
             }
         }
-        assert!(checked >= 8 * 2 * 2 * kinds.len());
+        assert!(checked >= 8 * 2 * 3 * kinds.len());
     }
 
-    /// The fused GELU is close to its definition in f64.
+    /// The fused GELUs are close to their definitions in f64.
     #[test]
     fn gelu_epilogue_matches_the_definition() {
         let (rows, k, n) = (5, 64, 40);
         let (x, w, b) = data(rows, k, n, 99);
-        let expected: Vec<f32> = naive(&x, rows, &w, k, n, 0.01, &b, ActivationRange::Row)
-            .into_iter()
-            .map(|v| {
-                let v = v as f64;
-                (0.5 * v
-                    * (1.0
-                        + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v))
-                            .tanh())) as f32
-            })
-            .collect();
-        for kind in KernelKind::available_here() {
-            let q = QWeights::new(&w, k, n, &[0.01], Some(&b), kind).unwrap();
-            let mut out = vec![0f32; rows * n];
-            q.matmul(
-                &x,
-                rows,
-                ActivationRange::Row,
-                Activation::GeluTanh,
-                &mut out,
-            )
-            .unwrap();
-            for (o, e) in out.iter().zip(&expected) {
-                assert!(
-                    (o - e).abs() <= 1e-5 * e.abs().max(1.0),
-                    "{kind}: {o} vs {e}"
-                );
+        let plain = naive(&x, rows, &w, k, n, 0.01, &b, ActivationRange::Row);
+        let tanh = |v: f64| {
+            0.5 * v
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh())
+        };
+        let erf = |v: f64| 0.5 * v * (1.0 + act::erf_f64(v / 2f64.sqrt()));
+        let defined: [(Activation, &dyn Fn(f64) -> f64); 2] =
+            [(Activation::GeluTanh, &tanh), (Activation::GeluErf, &erf)];
+        for (activation, f) in defined {
+            let expected: Vec<f32> = plain.iter().map(|&v| f(v as f64) as f32).collect();
+            for kind in KernelKind::available_here() {
+                let q = QWeights::new(&w, k, n, &[0.01], Some(&b), kind).unwrap();
+                let mut out = vec![0f32; rows * n];
+                q.matmul(&x, rows, ActivationRange::Row, activation, &mut out)
+                    .unwrap();
+                for (o, e) in out.iter().zip(&expected) {
+                    assert!(
+                        (o - e).abs() <= 1e-5 * e.abs().max(1.0),
+                        "{kind} {activation:?}: {o} vs {e}"
+                    );
+                }
             }
         }
     }
