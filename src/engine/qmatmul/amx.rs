@@ -140,11 +140,14 @@ pub unsafe fn matmul(w: &Panels, a: &[u8], rows: usize, ep: &Epilogue, out: &mut
     let row_tiles = rows.div_ceil(MR);
     debug_assert!(a.len() >= row_tiles * MR * kp);
     debug_assert!(out.len() >= rows * w.n);
-    let panels = w.data.len() / (kp * NR);
+    let panels = w.count();
     debug_assert!(panels.is_multiple_of(2));
     asm!("ldtilecfg [{}]", in(reg) TILES.0.as_ptr(), options(nostack, readonly, preserves_flags));
-    // 32 rows × 32 columns of sums, rows 128 bytes apart.
-    let mut sums = [0i32; 2 * MR * 2 * NR];
+    // 32 rows × 32 columns of sums, rows 128 bytes apart, on cache lines.
+    #[repr(align(64))]
+    struct Sums([i32; 2 * MR * 2 * NR]);
+    let mut sums = Sums([0; 2 * MR * 2 * NR]);
+    let sums = &mut sums.0;
     let c = sums.as_mut_ptr();
     const LDC: usize = 2 * NR * 4;
     let chunks = kp / KB;
@@ -154,7 +157,7 @@ pub unsafe fn matmul(w: &Panels, a: &[u8], rows: usize, ep: &Epilogue, out: &mut
     // matrix's weights once per 32 rows: for BETO's 2.3 MiB FFN matrices, from
     // beyond L2 four times per 128-token window.
     for p in (0..panels).step_by(2) {
-        let b0 = w.data.as_ptr().add(p * kp * NR);
+        let b0 = w.panel(p);
         let b1 = b0.add(kp * NR);
         let cols0 = p * NR;
         let mut t = 0;

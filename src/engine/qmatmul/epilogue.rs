@@ -6,7 +6,9 @@
 //! through [`rows`], compiled for this CPU by `multiversion!` (as baseline SSE2 it
 //! was a third of a message on an AVX-512 server).
 
-use super::{act, Activation, Epilogue};
+#[cfg(target_arch = "x86_64")]
+use super::act;
+use super::{Activation, Epilogue};
 use crate::engine::simd::multiversion;
 
 /// One output row. `sums`, `colsum`, `wscale` and `bias` hold at least `out.len()`

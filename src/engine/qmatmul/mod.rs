@@ -17,6 +17,7 @@
 //! onnxruntime exactly, for the parity tests.
 
 mod act;
+mod aligned;
 #[cfg(target_arch = "x86_64")]
 mod amx;
 #[cfg(target_arch = "x86_64")]
@@ -538,11 +539,12 @@ impl QWeights {
     allow(dead_code)
 )]
 struct Scratch {
-    bytes: Vec<u8>,
+    // On cache lines: the kernels load them in 64-byte rows.
+    bytes: aligned::Aligned,
     #[cfg(target_arch = "x86_64")]
     signed: Vec<i8>,
     #[cfg(target_arch = "x86_64")]
-    signs: Vec<i8>,
+    signs: aligned::Aligned,
     sums: Vec<i32>,
 }
 
@@ -550,19 +552,15 @@ impl Scratch {
     /// `len` zeroed bytes (K and row padding must read as zero).
     #[cfg(target_arch = "x86_64")]
     fn unsigned(&mut self, len: usize) -> &mut [u8] {
-        self.bytes.clear();
-        self.bytes.resize(len, 0);
-        &mut self.bytes
+        self.bytes.zero(len)
     }
 
     /// rten-gemm's operands: `a` bytes and `c` sums.
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     fn rten(&mut self, a: usize, c: usize) -> (&mut [u8], &mut [i32]) {
-        self.bytes.clear();
-        self.bytes.resize(a, 0);
         self.sums.clear();
         self.sums.resize(c, 0);
-        (&mut self.bytes, &mut self.sums)
+        (self.bytes.zero(a), &mut self.sums)
     }
 
     /// The AVX2 kernel's operands: one quantized row, then magnitudes and signs of
@@ -571,11 +569,12 @@ impl Scratch {
     fn avx2(&mut self, k: usize, len: usize) -> (&mut [i8], &mut [u8], &mut [i8]) {
         self.signed.clear();
         self.signed.resize(k, 0);
-        self.bytes.clear();
-        self.bytes.resize(len, 0);
-        self.signs.clear();
-        self.signs.resize(len, 0);
-        (&mut self.signed, &mut self.bytes, &mut self.signs)
+        self.signs.zero(len);
+        (
+            &mut self.signed,
+            self.bytes.zero(len),
+            self.signs.signed_mut(),
+        )
     }
 }
 

@@ -4,6 +4,8 @@
 //! columns for `vpdpbusd`, or two 256-bit halves of 8 columns for `vpdpbusd` on
 //! 256-bit registers and for `vpmaddubsw` + `vpmaddwd`: one layout for all three.
 
+use super::aligned::Aligned;
+
 /// Output columns per panel.
 pub const NR: usize = 16;
 
@@ -13,7 +15,8 @@ pub struct Panels {
     pub n: usize,
     /// K rounded up to a multiple of 4 (the padding is zero).
     pub kp: usize,
-    pub data: Vec<i8>,
+    /// On a cache line, so that every 64-byte block is one line.
+    data: Aligned,
 }
 
 impl Panels {
@@ -34,11 +37,12 @@ impl Panels {
         debug_assert!(k_multiple.is_multiple_of(4));
         let kp = k.next_multiple_of(k_multiple);
         let panels = n.div_ceil(NR).next_multiple_of(panel_multiple);
-        let mut data = vec![0i8; panels * kp * NR];
+        let mut data = Aligned::zeroed(panels * kp * NR);
+        let packed = data.signed_mut();
         for (row, kk) in w.chunks_exact(n).zip(0..k) {
             for (col, &v) in row.iter().enumerate() {
                 let (panel, c) = (col / NR, col % NR);
-                data[panel * kp * NR + (kk / 4) * 64 + c * 4 + kk % 4] = v;
+                packed[panel * kp * NR + (kk / 4) * 64 + c * 4 + kk % 4] = v;
             }
         }
         Panels { n, kp, data }
@@ -48,10 +52,15 @@ impl Panels {
         self.data.len()
     }
 
+    /// Panels held, padding included.
+    pub fn count(&self) -> usize {
+        self.data.len() / (self.kp * NR)
+    }
+
     /// The first byte of panel `p`.
     pub fn panel(&self, p: usize) -> *const i8 {
-        debug_assert!(p < self.n.div_ceil(NR));
+        debug_assert!(p < self.count());
         // SAFETY: in bounds for every panel index (debug-checked).
-        unsafe { self.data.as_ptr().add(p * self.kp * NR) }
+        unsafe { self.data.signed().as_ptr().add(p * self.kp * NR) }
     }
 }
