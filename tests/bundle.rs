@@ -116,6 +116,69 @@ fn gelu_fusion_keeps_outputs_and_happens() {
     }
 }
 
+/// Windows of one length run as one group; each row's logits are the same bits as
+/// when that window runs alone (every op computes a row on its own), on every
+/// int8 kernel this CPU has, for token, sequence and span outputs.
+#[test]
+fn grouped_windows_give_the_bits_of_single_ones() {
+    use anotador::engine::KernelKind;
+    let (rows, seq) = (7, 9);
+    // Rows 0, 1, 2, 4, 6: nine tokens (one group); 3 and 5: padded to five and
+    // seven (groups of their own).
+    let mut b = Batch {
+        rows,
+        seq_len: seq,
+        input_ids: Vec::new(),
+        attention_mask: Vec::new(),
+        token_type_ids: Vec::new(),
+    };
+    for r in 0..rows {
+        let len = match r {
+            3 => 5,
+            5 => 7,
+            _ => seq,
+        };
+        for i in 0..seq {
+            let real = i < len;
+            b.input_ids.push(if real {
+                5 + ((r * 31 + i * 7) % 90) as i64
+            } else {
+                0
+            });
+            b.attention_mask.push(real as i64);
+            b.token_type_ids.push((real && i >= len / 2) as i64);
+        }
+    }
+    let single = |r: usize| Batch {
+        rows: 1,
+        seq_len: seq,
+        input_ids: b.input_ids[r * seq..(r + 1) * seq].to_vec(),
+        attention_mask: b.attention_mask[r * seq..(r + 1) * seq].to_vec(),
+        token_type_ids: b.token_type_ids[r * seq..(r + 1) * seq].to_vec(),
+    };
+    for name in ["albert-token", "bert-token", "distilbert-seq", "bert-qa"] {
+        for kernel in KernelKind::available_here() {
+            let engine = Engine::load_with(
+                &fixture(name),
+                Rewrites::for_model(Int8Path::Native, Some(kernel)).unwrap(),
+            )
+            .unwrap();
+            let mut state = engine.state().unwrap();
+            let grouped = state.run(&b).unwrap();
+            let width = grouped.values.len() / rows;
+            for r in 0..rows {
+                let alone = state.run(&single(r)).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&grouped.values[r * width..(r + 1) * width]),
+                    bits(&alone.values),
+                    "{name} {kernel} row {r}"
+                );
+            }
+        }
+    }
+}
+
 fn load(dir: &Path, int8: Int8Rewrite) -> Engine {
     Engine::load_with(
         dir,

@@ -268,24 +268,25 @@ impl Engine {
             .map_err(|e| bad(format!("tract cannot parse the graph: {e:#}")))?;
         drop(proto);
         drop(registry);
-        // One window per run, of symbolic length: one plan serves every window.
-        // With a batch axis of 1 tract can prove the shapes it needs to fold the
-        // attention heads' reshapes and transposes into views and to move the
-        // residual adds to its vectorised kernels (`S >= 1` says the tensor is not
-        // empty); with a symbolic batch both stay generic copies and broadcasts,
-        // and one 64-token window of the default model took 20–25 % longer. Batching
-        // windows bought nothing besides: the int8 matmuls are as fast row by row
-        // (docs/performance.md: the speed section).
+        // Windows of one length per run, batch and length symbolic: one plan serves
+        // every group. `S >= 1` and `B >= 1` tell tract the tensors are not empty.
+        // (When tract itself ran the attention heads' reshapes and transposes, a
+        // symbolic batch left them as generic copies; our Attention op reads the
+        // heads in place, and a 64-token window measured the same with a batch
+        // axis of 1 or B: ALBETO-tiny 1.45 / 1.39 ms, DistilBETO 9.0 / 9.0 ms.)
         let seq = model.symbols.sym("S");
-        model
-            .symbols
-            .add_assertion("S >= 1")
-            .map_err(|e| bad(format!("{e:#}")))?;
+        let rows = model.symbols.sym("B");
+        for assertion in ["S >= 1", "B >= 1"] {
+            model
+                .symbols
+                .add_assertion(assertion)
+                .map_err(|e| bad(format!("{e:#}")))?;
+        }
         for ix in 0..inputs.len() {
             model
                 .set_input_fact(
                     ix,
-                    InferenceFact::dt_shape(i64::datum_type(), [1.to_dim(), seq.to_dim()]),
+                    InferenceFact::dt_shape(i64::datum_type(), [rows.to_dim(), seq.to_dim()]),
                 )
                 .map_err(|e| bad(format!("cannot set input shape: {e:#}")))?;
         }
@@ -394,6 +395,12 @@ impl Engine {
     }
 }
 
+/// Tokens per run when windows of one length run together. A single window of
+/// the usual 512 already takes more, so grouping never raises peak memory above
+/// what one long window needs; at 256 rows each weight byte serves 256 products,
+/// past the point where the int8 kernels wait on memory.
+pub const GROUP_TOKENS: usize = 256;
+
 pub struct EngineState {
     state: TypedSimpleState,
     inputs: Vec<Input>,
@@ -401,9 +408,14 @@ pub struct EngineState {
 }
 
 impl EngineState {
-    /// Runs every row of the batch, one window at a time (see [`Engine::load_with`]
-    /// for why), each cut to its real length: right padding costs nothing, and
-    /// the logits of padded positions are 0.
+    /// Runs every row of the batch, each cut to its real length (right padding
+    /// costs nothing, and the logits of padded positions are 0). Rows of the same
+    /// length run together, up to [`GROUP_TOKENS`] tokens a run: every weight
+    /// matrix is then read once per group instead of once per window, which is
+    /// what a window of BETO (82 MiB of int8 weights, far beyond L2) mostly waits
+    /// on. Every op computes each row on its own (activation ranges, layer norm
+    /// and attention are per row), so a row's logits are the same bits alone or
+    /// grouped.
     pub fn run(&mut self, batch: &Batch) -> Result<Logits> {
         let (rows, seq) = (batch.rows, batch.seq_len);
         let per_pos = match self.info.output {
@@ -417,9 +429,9 @@ impl EngineState {
             seq * per_pos
         };
         let mut values = vec![0f32; rows * width];
+        let mut by_len: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
         for row in 0..rows {
-            let at = row * seq..(row + 1) * seq;
-            let mask = &batch.attention_mask[at.clone()];
+            let mask = &batch.attention_mask[row * seq..(row + 1) * seq];
             let real = mask.iter().take_while(|&&m| m != 0).count();
             // Trimmed only when the padding is all at the end.
             let len = if mask[real..].iter().all(|&m| m == 0) && real > 0 {
@@ -427,21 +439,23 @@ impl EngineState {
             } else {
                 seq
             };
-            let cut = at.start..at.start + len;
-            let out = self.run_one(
-                &batch.input_ids[cut.clone()],
-                &batch.attention_mask[cut.clone()],
-                &batch.token_type_ids[cut],
-            )?;
-            let dst = &mut values[row * width..(row + 1) * width];
-            let n = if per_pos == 0 { width } else { len * per_pos };
-            if out.len() != n {
-                return Err(Error::Inference(format!(
-                    "{} logits for a window of {len} tokens, expected {n}",
-                    out.len()
-                )));
+            by_len.entry(len).or_default().push(row);
+        }
+        for (len, same) in by_len {
+            for group in same.chunks((GROUP_TOKENS / len).max(1)) {
+                let out = self.run_group(batch, group, len)?;
+                let n = if per_pos == 0 { width } else { len * per_pos };
+                if out.len() != n * group.len() {
+                    return Err(Error::Inference(format!(
+                        "{} logits for {} windows of {len} tokens, expected {n} each",
+                        out.len(),
+                        group.len()
+                    )));
+                }
+                for (&row, logits) in group.iter().zip(out.chunks_exact(n)) {
+                    values[row * width..][..n].copy_from_slice(logits);
+                }
             }
-            dst[..n].copy_from_slice(&out);
         }
         Ok(Logits {
             rows,
@@ -455,23 +469,27 @@ impl EngineState {
         })
     }
 
-    /// One window: logits `[len, labels]`, `[labels]` or `[len, 2]` (start, end).
-    fn run_one(&mut self, ids: &[i64], mask: &[i64], types: &[i64]) -> Result<Vec<f32>> {
-        let len = ids.len();
+    /// The first `len` tokens of each of `rows`: logits `[len, labels]`,
+    /// `[labels]` or `[len, 2]` (start, end) per row, one row after the other.
+    fn run_group(&mut self, batch: &Batch, rows: &[usize], len: usize) -> Result<Vec<f32>> {
+        let n = rows.len();
         let tensor = |data: &[i64]| -> Result<TValue> {
-            Ok(
-                tract_ndarray::Array2::from_shape_vec([1, len], data.to_vec())
-                    .map_err(|e| Error::Inference(e.to_string()))?
-                    .into_tensor()
-                    .into(),
-            )
+            let cut = rows
+                .iter()
+                .flat_map(|&r| &data[r * batch.seq_len..][..len])
+                .copied()
+                .collect();
+            Ok(tract_ndarray::Array2::from_shape_vec([n, len], cut)
+                .map_err(|e| Error::Inference(e.to_string()))?
+                .into_tensor()
+                .into())
         };
         let mut inputs = TVec::new();
         for input in &self.inputs {
             inputs.push(match input {
-                Input::InputIds => tensor(ids)?,
-                Input::AttentionMask => tensor(mask)?,
-                Input::TokenTypeIds => tensor(types)?,
+                Input::InputIds => tensor(&batch.input_ids)?,
+                Input::AttentionMask => tensor(&batch.attention_mask)?,
+                Input::TokenTypeIds => tensor(&batch.token_type_ids)?,
             });
         }
         let outputs = self
@@ -491,15 +509,15 @@ impl EngineState {
             Ok(v)
         };
         Ok(match self.info.output {
-            OutputKind::PerToken => view(0, &[1, len, self.info.labels])?
+            OutputKind::PerToken => view(0, &[n, len, self.info.labels])?
                 .iter()
                 .copied()
                 .collect(),
-            OutputKind::PerSequence => view(0, &[1, self.info.labels])?.iter().copied().collect(),
+            OutputKind::PerSequence => view(0, &[n, self.info.labels])?.iter().copied().collect(),
             // Start and end logits interleaved as `[len, 2]`, so QA windows travel
             // through the same batching and chunking as per-token logits.
             OutputKind::Span => {
-                let (start, end) = (view(0, &[1, len])?, view(1, &[1, len])?);
+                let (start, end) = (view(0, &[n, len])?, view(1, &[n, len])?);
                 start
                     .iter()
                     .zip(end.iter())
