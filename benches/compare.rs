@@ -11,18 +11,22 @@
 //! - engine: tract on fixed shapes (1×16, 1×64, 1×128, 8×64; real Spanish tokens,
 //!   cut from `benches/messages-es.txt`), median of repeated runs, one thread;
 //! - messages: the 40 ParlaMint paragraphs of `benches/messages-es.txt` (8–350 words)
+//!   through the engine alone (their windows' tensors: what onnxruntime runs) and
 //!   through the whole task path (tokenize, windows, engine, post-processing);
 //! - onnxruntime (with `--ort PYTHON`, a Python with `onnxruntime` and `numpy`, e.g.
 //!   the pinned `models/requirements.txt`): the bare model on exactly the tensors
-//!   the engine ran, 1 intra-op thread, via `benches/ort_bench.py`;
+//!   the engine ran, 1 intra-op thread, via `benches/ort_bench.py`, taking turns
+//!   with each kernel (5 turns per shape, 5 passes over the messages); a ratio is
+//!   the median of the turns' ratios;
 //! - daemon (`--no-daemon` skips it): the same messages over MQTT loopback
 //!   (Mosquitto, as in the tests) with 1 worker for every int8 path and 2 workers
 //!   for the first, messages/s from first publish to last answer, and the daemon's
 //!   RSS once loaded and its peaks at load and under load: memory per path, each in
 //!   its own process.
 //!
-//! Ratios are within this run only. Timings from a shared or throttled machine are
-//! noisy: compare ratios, rerun, and say which CPU (`lscpu`) gave them.
+//! Ratios are within this run only, and to onnxruntime within the same seconds:
+//! on a shared machine absolute timings drift 2× in minutes. Rerun, and say which
+//! CPU (`lscpu`) gave them.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -39,10 +43,13 @@ use common::*;
 use serde_json::{json, Value};
 
 const SHAPES: [(usize, usize); 5] = [(1, 16), (8, 16), (1, 64), (1, 128), (8, 64)];
-/// Repetitions per shape stop after this long (and at least `MIN_REPS` runs).
+/// Each shape runs about this long per engine, in `ROUNDS` turns with
+/// onnxruntime (at least `MIN_REPS` runs a turn).
 const SHAPE_BUDGET: Duration = Duration::from_secs(3);
-const MIN_REPS: usize = 5;
-const MESSAGE_PASSES: usize = 3;
+const ROUNDS: usize = 5;
+const MIN_REPS: usize = 3;
+/// Passes over the messages, each engine's taking turns with onnxruntime's.
+const MESSAGE_PASSES: usize = 5;
 /// Messages published to the daemon: the 40 paragraphs, this many times.
 const DAEMON_ROUNDS: usize = 3;
 
@@ -158,23 +165,32 @@ fn shape_batch(bundle: &Arc<Bundle>, text: &str, rows: usize, seq: usize) -> Bat
     annotator.windower().batch(&windows[..rows], seq)
 }
 
-/// `--profile BxS`: one shape, run for `seconds` on each kernel and nothing else,
-/// for `perf record` to see where its time goes.
+/// `--profile BxS`: one shape, run for `seconds` on the kernels in turn and
+/// nothing else, for `perf record` to see where its time goes.
 fn profile(model: &Path, messages: &[String], paths: &[Candidate], shape: &str, seconds: u64) {
     let (rows, seq) = shape
         .split_once('x')
         .and_then(|(b, s)| Some((b.parse().ok()?, s.parse().ok()?)))
         .expect("--profile BxS, e.g. 8x64");
     let long = messages.join(" ");
+    let mut engines = Vec::new();
     for &path in paths {
         let bundle = Arc::new(Bundle::load_with(model, path.rewrites().unwrap()).unwrap());
-        let mut state = bundle.engine.state().unwrap();
+        let state = bundle.engine.state().unwrap();
         let batch = shape_batch(&bundle, &long, rows, seq);
-        let started = Instant::now();
-        let mut times = Vec::new();
-        while started.elapsed() < Duration::from_secs(seconds) {
-            times.push(time_run(&mut state, &batch));
+        engines.push((path, state, batch, Vec::new()));
+    }
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(seconds) {
+        // Kernels in turns of 200 ms, so that each sees the same noise.
+        for (_, state, batch, times) in engines.iter_mut() {
+            let block = Instant::now();
+            while block.elapsed() < Duration::from_millis(200) {
+                times.push(time_run(state, batch));
+            }
         }
+    }
+    for (path, _, _, times) in engines {
         // The minimum too: on a shared host, steal time only ever adds.
         println!(
             "{} {shape}: {:.2} ms (median of {}), min {:.2}",
@@ -192,51 +208,180 @@ struct EngineRun {
     /// The kernels its matrices ran on, as the load reported them.
     kernels: String,
     packed_mib: f64,
-    shapes: Vec<(String, Batch, f64)>,
-    message_batches: Vec<Vec<Batch>>,
+    /// Per shape: our median ms and, with onnxruntime, its median ms and the
+    /// median of the turns' ratios (ours / its).
+    shapes: Vec<(f64, Option<(f64, f64)>)>,
+    /// Messages/s through the whole task path, and through the engine alone (the
+    /// same tensors onnxruntime runs).
     msgs_per_s: f64,
+    model_msgs_per_s: f64,
+    /// onnxruntime's messages/s over the same turns, and the median ratios of pass
+    /// times (ours / its): whole task path, engine alone.
+    ort_messages: Option<(f64, f64, f64)>,
     batched_msgs_per_s: f64,
     two_threads_msgs_per_s: f64,
     message_ms_median: f64,
 }
 
-fn bench_engine(model: &Path, messages: &[String], max_batch: usize, path: Candidate) -> EngineRun {
+/// The fixed shapes' batches (real tokens) and every message's batches: the same
+/// tensors for every kernel and for onnxruntime.
+struct Inputs {
+    shapes: Vec<(String, Batch)>,
+    message_batches: Vec<Vec<Batch>>,
+}
+
+impl Inputs {
+    fn new(model: &Path, messages: &[String], path: Candidate) -> Inputs {
+        let bundle = Arc::new(Bundle::load_with(model, path.rewrites().unwrap()).unwrap());
+        let max = bundle.config.max_length;
+        // Real tokens for the fixed shapes: windows of the longest paragraphs.
+        let long = messages
+            .join(" ")
+            .repeat(1 + 8000 / messages.iter().map(String::len).sum::<usize>());
+        let shapes = SHAPES
+            .iter()
+            .filter(|&&(_, seq)| seq <= max)
+            .map(|&(rows, seq)| {
+                (
+                    format!("{rows}x{seq}"),
+                    shape_batch(&bundle, &long, rows, seq),
+                )
+            })
+            .collect();
+        let annotator = Annotator::new(bundle, &TaskOptions::default()).unwrap();
+        let message_batches = messages
+            .iter()
+            .map(|m| annotator.batches(&annotator.windower().encode(m, None).unwrap()))
+            .collect();
+        Inputs {
+            shapes,
+            message_batches,
+        }
+    }
+}
+
+/// onnxruntime in a child Python (`benches/ort_bench.py`), run turn about with our
+/// engine: on a shared machine the speed of both drifts by 2× within minutes, so
+/// only ratios taken in the same seconds mean anything.
+struct Ort {
+    child: std::process::Child,
+    requests: std::process::ChildStdin,
+    replies: std::io::BufReader<std::process::ChildStdout>,
+    version: String,
+    _dir: TempDir,
+}
+
+impl Ort {
+    fn start(python: &str, model: &Path, inputs: &Inputs) -> Ort {
+        use std::process::{Command, Stdio};
+        let dir = TempDir::new("ort");
+        let spec = dir.0.join("inputs.json");
+        let spec_json = json!({
+            "model": model.join("model.onnx"),
+            "threads": 1,
+            "shapes": inputs.shapes.iter().map(|(name, b)| json!({"name": name, "batch": batch_json(b)})).collect::<Vec<_>>(),
+            "messages": inputs.message_batches.iter().map(|bs| bs.iter().map(batch_json).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        });
+        std::fs::write(&spec, spec_json.to_string()).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/ort_bench.py");
+        let mut child = Command::new(python)
+            .arg(&script)
+            .arg(&spec)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run the onnxruntime script");
+        let requests = child.stdin.take().unwrap();
+        let replies = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut ort = Ort {
+            child,
+            requests,
+            replies,
+            version: String::new(),
+            _dir: dir,
+        };
+        ort.version = ort.reply()["onnxruntime"]
+            .as_str()
+            .expect("ort_bench.py: no version line")
+            .to_string();
+        ort
+    }
+
+    fn reply(&mut self) -> Value {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.replies.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "ort_bench.py ended (its error is above)");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    fn ask(&mut self, request: &str) -> Value {
+        use std::io::Write;
+        writeln!(self.requests, "{request}").unwrap();
+        self.requests.flush().unwrap();
+        self.reply()
+    }
+
+    /// `reps` runs of a shape, ms each.
+    fn shape(&mut self, name: &str, reps: usize) -> Vec<f64> {
+        serde_json::from_value(self.ask(&format!("shape {name} {reps}"))["ms"].clone()).unwrap()
+    }
+
+    /// One pass over the messages, seconds.
+    fn pass(&mut self) -> f64 {
+        self.ask("pass")["s"].as_f64().unwrap()
+    }
+}
+
+impl Drop for Ort {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bench_engine(
+    model: &Path,
+    messages: &[String],
+    max_batch: usize,
+    path: Candidate,
+    inputs: &Inputs,
+    mut ort: Option<&mut Ort>,
+) -> EngineRun {
     let bundle = Arc::new(Bundle::load_with(model, path.rewrites().unwrap()).unwrap());
     let info = bundle.engine.info().clone();
-    let max = bundle.config.max_length;
     let mut state = bundle.engine.state().unwrap();
-    // Real tokens for the fixed shapes: windows of the longest paragraphs.
-    let long = messages
-        .join(" ")
-        .repeat(1 + 8000 / messages.iter().map(String::len).sum::<usize>());
 
     let mut shapes = Vec::new();
-    for (rows, seq) in SHAPES {
-        if seq > max {
-            continue;
+    for (name, batch) in &inputs.shapes {
+        let warm: Vec<f64> = (0..2).map(|_| time_run(&mut state, batch)).collect();
+        let turn = SHAPE_BUDGET.as_secs_f64() * 1e3 / ROUNDS as f64;
+        let reps = MIN_REPS.max((turn / warm[1].max(0.01)) as usize);
+        let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            let o: Vec<f64> = (0..reps).map(|_| time_run(&mut state, batch)).collect();
+            if let Some(ort) = ort.as_deref_mut() {
+                let t = ort.shape(name, reps);
+                ratios.push(median(o.clone()) / median(t.clone()));
+                theirs.extend(t);
+            }
+            ours.extend(o);
         }
-        let batch = shape_batch(&bundle, &long, rows, seq);
-        for _ in 0..2 {
-            time_run(&mut state, &batch);
-        }
-        let started = Instant::now();
-        let mut times = Vec::new();
-        while times.len() < MIN_REPS || started.elapsed() < SHAPE_BUDGET {
-            times.push(time_run(&mut state, &batch));
-        }
-        shapes.push((format!("{rows}x{seq}"), batch, median(times)));
+        shapes.push((
+            median(ours),
+            ort.is_some().then(|| (median(theirs), median(ratios))),
+        ));
     }
 
-    // Messages through the whole task path, and the exact tensors that path ran.
+    // Messages through the whole task path; onnxruntime runs the bare model on the
+    // tensors that path ran.
     let annotator = Annotator::new(bundle.clone(), &TaskOptions::default()).unwrap();
     let mut per_message = vec![Vec::new(); messages.len()];
-    let mut message_batches = Vec::new();
     for m in messages {
-        let windows = annotator.windower().encode(m, None).unwrap();
-        message_batches.push(annotator.batches(&windows));
         annotator.annotate(&mut state, m, None).unwrap(); // warm-up
     }
-    let mut pass_totals = Vec::new();
+    let (mut pass_totals, mut model_totals) = (Vec::new(), Vec::new());
+    let (mut ort_totals, mut pass_ratios, mut model_ratios) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..MESSAGE_PASSES {
         let started = Instant::now();
         for (i, m) in messages.iter().enumerate() {
@@ -244,8 +389,30 @@ fn bench_engine(model: &Path, messages: &[String], max_batch: usize, path: Candi
             annotator.annotate(&mut state, m, None).unwrap();
             per_message[i].push(t.elapsed().as_secs_f64() * 1e3);
         }
-        pass_totals.push(started.elapsed().as_secs_f64());
+        let ours = started.elapsed().as_secs_f64();
+        // The bare model on the same windows: what onnxruntime's pass runs.
+        let started = Instant::now();
+        for batch in inputs.message_batches.iter().flatten() {
+            state.run(batch).unwrap();
+        }
+        let model = started.elapsed().as_secs_f64();
+        if let Some(ort) = ort.as_deref_mut() {
+            let theirs = ort.pass();
+            ort_totals.push(theirs);
+            pass_ratios.push(ours / theirs);
+            model_ratios.push(model / theirs);
+        }
+        pass_totals.push(ours);
+        model_totals.push(model);
     }
+    let ort_messages = ort.is_some().then(|| {
+        (
+            messages.len() as f64 / median(ort_totals),
+            median(pass_ratios),
+            median(model_ratios),
+        )
+    });
+    let model_msgs_per_s = messages.len() as f64 / median(model_totals);
     let msgs_per_s = messages.len() as f64 / median(pass_totals);
     // The same messages as micro-batches of `max_batch` (what the daemon's workers do
     // with a queue), through the same engine state.
@@ -305,8 +472,9 @@ fn bench_engine(model: &Path, messages: &[String], max_batch: usize, path: Candi
         },
         packed_mib: info.rewrites.packed_weight_bytes as f64 / 1048576.0,
         shapes,
-        message_batches,
         msgs_per_s,
+        model_msgs_per_s,
+        ort_messages,
         batched_msgs_per_s,
         two_threads_msgs_per_s,
         message_ms_median: median(per_message.into_iter().map(median).collect()),
@@ -321,44 +489,18 @@ fn bench_model(
     paths: &[Candidate],
     daemon: bool,
 ) -> Value {
-    let runs: Vec<EngineRun> = paths
-        .iter()
-        .map(|&p| bench_engine(model, messages, max_batch, p))
-        .collect();
-    // Every path ran the same windows: onnxruntime gets the first one's tensors.
-    let (shapes, message_batches) = (&runs[0].shapes, &runs[0].message_batches);
-    let windows_total: usize = message_batches
+    let inputs = Inputs::new(model, messages, paths[0]);
+    let windows_total: usize = inputs
+        .message_batches
         .iter()
         .map(|bs| bs.iter().map(|b| b.rows).sum::<usize>())
         .sum();
-
-    // onnxruntime on the same tensors.
-    let ort_result = ort.map(|python| {
-        let dir = TempDir::new("ort");
-        let spec = dir.0.join("inputs.json");
-        let spec_json = json!({
-            "model": model.join("model.onnx"),
-            "threads": 1,
-            "shape_budget_s": SHAPE_BUDGET.as_secs_f64(),
-            "min_reps": MIN_REPS,
-            "passes": MESSAGE_PASSES,
-            "shapes": shapes.iter().map(|(name, b, _)| json!({"name": name, "batch": batch_json(b)})).collect::<Vec<_>>(),
-            "messages": message_batches.iter().map(|bs| bs.iter().map(batch_json).collect::<Vec<_>>()).collect::<Vec<_>>(),
-        });
-        std::fs::write(&spec, spec_json.to_string()).unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/ort_bench.py");
-        let out = std::process::Command::new(python)
-            .arg(&script)
-            .arg(&spec)
-            .output()
-            .expect("run the onnxruntime script");
-        assert!(
-            out.status.success(),
-            "ort_bench.py: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()
-    });
+    let mut ort = ort.map(|python| Ort::start(python, model, &inputs));
+    let runs: Vec<EngineRun> = paths
+        .iter()
+        .map(|&p| bench_engine(model, messages, max_batch, p, &inputs, ort.as_mut()))
+        .collect();
+    let ort_version = ort.map(|o| o.version.clone());
 
     let daemons: Vec<DaemonRun> = if daemon {
         paths
@@ -370,42 +512,36 @@ fn bench_model(
     };
     let daemon2 = daemon.then(|| daemon_throughput(model, messages, 2, max_batch, paths[0]));
 
-    // The table: a row per kernel, ratios to onnxruntime in brackets.
-    let ort_ms = |name: &str| ort_result.as_ref().and_then(|r| r["shapes"][name].as_f64());
-    let ort_msgs = ort_result
-        .as_ref()
-        .and_then(|r| r["messages_per_s"].as_f64());
+    // The table: a row per kernel, ratios to onnxruntime (taken turn about) in
+    // brackets; onnxruntime's row is from its turns beside the first kernel.
     let ratio = |x: Option<f64>| x.map_or(String::new(), |r| format!(" ({r:.2})"));
     print!("| engine |");
-    for (name, _, _) in shapes {
+    for (name, _) in &inputs.shapes {
         print!(" {name} ms |");
     }
     println!(
-        " {} messages ({windows_total} windows), msg/s |",
+        " {} messages ({windows_total} windows): engine, msg/s | whole task path, msg/s |",
         messages.len()
     );
-    println!("|---|{}---|", "---|".repeat(shapes.len()));
-    print!("| onnxruntime int8 |");
-    for (name, _, _) in shapes {
-        print!(
-            " {} |",
-            ort_ms(name).map_or("–".into(), |o| format!("{o:.2}"))
-        );
+    println!("|---|{}---|---|", "---|".repeat(inputs.shapes.len()));
+    if let Some(version) = &ort_version {
+        print!("| onnxruntime {version} int8 |");
+        for (_, o) in &runs[0].shapes {
+            print!(" {:.2} |", o.unwrap().0);
+        }
+        println!(" {:.1} | – |", runs[0].ort_messages.unwrap().0);
     }
-    println!(
-        " {} (bare model) |",
-        ort_msgs.map_or("–".into(), |o| format!("{o:.1}"))
-    );
     for r in &runs {
         print!("| {} ({}) |", r.path.name(), r.packed_mib_label());
-        for (ix, (name, _, _)) in shapes.iter().enumerate() {
-            let ms = r.shapes[ix].2;
-            print!(" {ms:.2}{} |", ratio(ort_ms(name).map(|o| ms / o)));
+        for (ms, o) in &r.shapes {
+            print!(" {ms:.2}{} |", ratio(o.map(|o| o.1)));
         }
         println!(
-            " {:.1}{} |",
+            " {:.1}{} | {:.1}{} |",
+            r.model_msgs_per_s,
+            ratio(r.ort_messages.map(|o| o.2)),
             r.msgs_per_s,
-            ratio(ort_msgs.map(|o| o / r.msgs_per_s))
+            ratio(r.ort_messages.map(|o| o.1))
         );
     }
     for r in &runs {
@@ -449,13 +585,17 @@ fn bench_model(
         "messages": messages.len(),
         "windows": windows_total,
         "max_batch": max_batch,
-        "ort": ort_result,
+        "onnxruntime": ort_version,
         "paths": runs.iter().map(|r| json!({
             "kernel": r.path.name(),
             "matrices_on": r.kernels,
             "packed_weight_mib": r.packed_mib,
-            "shapes": r.shapes.iter().map(|(name, _, ms)| json!({"shape": name, "anotador_ms": ms, "ort_ms": ort_ms(name)})).collect::<Vec<_>>(),
+            "shapes": r.shapes.iter().zip(&inputs.shapes).map(|((ms, o), (name, _))| json!({"shape": name, "anotador_ms": ms, "ort_ms": o.map(|o| o.0), "ratio": o.map(|o| o.1)})).collect::<Vec<_>>(),
             "engine_messages_per_s": r.msgs_per_s,
+            "ort_messages_per_s": r.ort_messages.map(|o| o.0),
+            "messages_ratio": r.ort_messages.map(|o| o.1),
+            "engine_only_messages_per_s": r.model_msgs_per_s,
+            "engine_only_messages_ratio": r.ort_messages.map(|o| o.2),
             "engine_batched_messages_per_s": r.batched_msgs_per_s,
             "engine_2_threads_messages_per_s": r.two_threads_msgs_per_s,
             "message_ms_median": r.message_ms_median,

@@ -1,12 +1,17 @@
 """onnxruntime side of `cargo bench --bench compare` (see benches/compare.rs).
 
 Runs the bare model.onnx on exactly the tensors anotador's engine ran (written by the
-Rust harness), with the same thread count, and prints medians as JSON on stdout.
+Rust harness), with the same thread count. It takes turns with the engine: the
+harness writes one request per line on stdin and reads one JSON line back, so that
+both sides see the same minute of a shared machine's noise.
+
+    shape NAME REPS   ->  {"ms": [REPS times]}   (two unreported warm-up runs first time)
+    pass              ->  {"s": seconds}         (every message's windows once)
+
 Needs onnxruntime and numpy (pinned in models/requirements.txt); optional: the harness
 runs without it.
 """
 import json
-import statistics
 import sys
 import time
 
@@ -32,32 +37,33 @@ def main():
         sess.run(None, f)
         return (time.perf_counter() - t) * 1e3
 
-    shapes = {}
-    for s in spec["shapes"]:
-        f = feeds(s["batch"])
-        for _ in range(2):
-            run(f)
-        times, started = [], time.perf_counter()
-        while len(times) < spec["min_reps"] or time.perf_counter() - started < spec["shape_budget_s"]:
-            times.append(run(f))
-        shapes[s["name"]] = statistics.median(times)
-
+    shapes = {s["name"]: feeds(s["batch"]) for s in spec["shapes"]}
     messages = [[feeds(b) for b in m] for m in spec["messages"]]
-    for m in messages:  # warm-up
-        for f in m:
-            run(f)
-    totals = []
-    for _ in range(spec["passes"]):
-        started = time.perf_counter()
-        for m in messages:
-            for f in m:
-                sess.run(None, f)
-        totals.append(time.perf_counter() - started)
-    print(json.dumps({
-        "onnxruntime": ort.__version__,
-        "shapes": shapes,
-        "messages_per_s": len(messages) / statistics.median(totals),
-    }))
+    warm = set()
+    print(json.dumps({"onnxruntime": ort.__version__}), flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if words[0] == "shape":
+            f = shapes[words[1]]
+            if words[1] not in warm:
+                warm.add(words[1])
+                run(f)
+                run(f)
+            reply = {"ms": [run(f) for _ in range(int(words[2]))]}
+        elif words[0] == "pass":
+            if "messages" not in warm:
+                warm.add("messages")
+                for m in messages:
+                    for f in m:
+                        sess.run(None, f)
+            started = time.perf_counter()
+            for m in messages:
+                for f in m:
+                    sess.run(None, f)
+            reply = {"s": time.perf_counter() - started}
+        else:
+            raise SystemExit(f"unknown request {line!r}")
+        print(json.dumps(reply), flush=True)
 
 
 if __name__ == "__main__":
