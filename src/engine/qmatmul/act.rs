@@ -14,16 +14,6 @@ impl Activation {
             Activation::GeluErf => gelu_erf(v),
         }
     }
-
-    /// [`Activation::of`] on sixteen values, each step over all lanes.
-    #[inline(always)]
-    pub fn of16(self, v: [f32; 16]) -> [f32; 16] {
-        match self {
-            Activation::None => v,
-            Activation::GeluTanh => gelu_tanh16(v),
-            Activation::GeluErf => gelu_erf16(v),
-        }
-    }
 }
 
 pub const SQRT_2_OVER_PI: f32 = 0.797_884_6;

@@ -6,9 +6,7 @@
 //! through [`rows`], compiled for this CPU by `multiversion!` (as baseline SSE2 it
 //! was a third of a message on an AVX-512 server).
 
-#[cfg(target_arch = "x86_64")]
-use super::act;
-use super::{Activation, Epilogue};
+use super::{act, Activation, Epilogue};
 use crate::engine::simd::multiversion;
 
 /// One output row. `sums`, `colsum`, `wscale` and `bias` hold at least `out.len()`
@@ -72,19 +70,34 @@ fn row(
         }
         return;
     }
-    // Sixteen lanes at a time, written as fixed arrays: as a plain loop LLVM
-    // vectorised the tanh polynomial's two halves against each other in one xmm
-    // register and left the elements scalar (a profile on AVX-512 had the
-    // epilogue's `vaddss`/`vdivss` as a fifth of the VNNI kernel), and without an
-    // activation the loop stayed scalar inside the kernels (`vcvtsi2ss`, `vaddss`).
-    let done = n - n % 16;
+    // One loop per activation, so that nothing is decided per element.
+    match activation {
+        Activation::None => sixteens(out, dequant, |v| v, |v| v),
+        Activation::GeluTanh => sixteens(out, dequant, act::gelu_tanh16, act::gelu_tanh),
+        Activation::GeluErf => sixteens(out, dequant, act::gelu_erf16, act::gelu_erf),
+    }
+}
+
+/// `out[i] = f(dequant(i))`, sixteen lanes at a time, written as fixed arrays: as a
+/// plain loop LLVM vectorised the tanh polynomial's two halves against each other
+/// in one xmm register and left the elements scalar (a profile on AVX-512 had the
+/// epilogue's `vaddss`/`vdivss` as a fifth of the VNNI kernel), and without an
+/// activation the loop stayed scalar inside the kernels (`vcvtsi2ss`, `vaddss`).
+#[inline(always)]
+fn sixteens(
+    out: &mut [f32],
+    dequant: impl Fn(usize) -> f32,
+    f16: impl Fn([f32; 16]) -> [f32; 16],
+    f1: impl Fn(f32) -> f32,
+) {
+    let done = out.len() - out.len() % 16;
     let (whole, rest) = out.split_at_mut(done);
     for (c, o) in whole.chunks_exact_mut(16).enumerate() {
         let v: [f32; 16] = std::array::from_fn(|j| dequant(c * 16 + j));
-        o.copy_from_slice(&activation.of16(v));
+        o.copy_from_slice(&f16(v));
     }
     for (i, o) in rest.iter_mut().enumerate() {
-        *o = activation.of(dequant(done + i));
+        *o = f1(dequant(done + i));
     }
 }
 
