@@ -52,6 +52,13 @@ fn batch() -> Batch {
     }
 }
 
+/// The largest logit difference between two engines on [`batch`].
+fn logits_delta(a: &Engine, b: &Engine) -> f32 {
+    let a = a.state().unwrap().run(&batch()).unwrap();
+    let b = b.state().unwrap().run(&batch()).unwrap();
+    max_delta(&a.values, &b.values)
+}
+
 fn max_delta(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -88,9 +95,7 @@ fn gelu_fusion_keeps_outputs_and_happens() {
         )
         .unwrap();
         assert_eq!(plain.info().rewrites.gelu_fused, 0);
-        let a = fused.state().unwrap().run(&batch()).unwrap();
-        let b = plain.state().unwrap().run(&batch()).unwrap();
-        let d = max_delta(&a.values, &b.values);
+        let d = logits_delta(&fused, &plain);
         assert!(d < 1e-4, "{name}: fused GELU changed logits by {d}");
 
         // On the int8 path the GELU moves into the epilogue of the matmul before it.
@@ -106,9 +111,7 @@ fn gelu_fusion_keeps_outputs_and_happens() {
         };
         let (folded, plain) = (native(true), native(false));
         assert_eq!(folded.info().rewrites.gelu_into_matmul, calls, "{name}");
-        let a = folded.state().unwrap().run(&batch()).unwrap();
-        let b = plain.state().unwrap().run(&batch()).unwrap();
-        let d = max_delta(&a.values, &b.values);
+        let d = logits_delta(&folded, &plain);
         assert!(
             d < 1e-4,
             "{name}: GELU in the int8 epilogue changed logits by {d}"
@@ -216,9 +219,7 @@ fn layer_norm_fusion_keeps_outputs_and_happens() {
             report.residual_add_fused + 1 >= report.layer_norm_fused,
             "{name}: every residual add but at most the embeddings' folded: {report:?}"
         );
-        let a = fused.state().unwrap().run(&batch()).unwrap();
-        let b = plain.state().unwrap().run(&batch()).unwrap();
-        let d = max_delta(&a.values, &b.values);
+        let d = logits_delta(&fused, &plain);
         assert!(d < 1e-4, "{name}: fused layer norm changed logits by {d}");
     }
 }
@@ -247,9 +248,7 @@ fn attention_fusion_keeps_outputs_and_happens() {
                 "{name}: one per layer (two layers)"
             );
             assert_eq!(plain.info().rewrites.attention_fused, 0);
-            let a = fused.state().unwrap().run(&batch()).unwrap();
-            let b = plain.state().unwrap().run(&batch()).unwrap();
-            let d = max_delta(&a.values, &b.values);
+            let d = logits_delta(&fused, &plain);
             assert!(
                 d < 1e-4,
                 "{name} {path:?}: fused attention changed logits by {d}"

@@ -443,9 +443,9 @@ impl EngineState {
             by_len.entry(len).or_default().push(row);
         }
         for (len, same) in by_len {
+            let n = if per_pos == 0 { width } else { len * per_pos };
             for group in same.chunks((GROUP_TOKENS / len).max(1)) {
                 let out = self.run_group(batch, group, len)?;
-                let n = if per_pos == 0 { width } else { len * per_pos };
                 if out.len() != n * group.len() {
                     return Err(Error::Inference(format!(
                         "{} logits for {} windows of {len} tokens, expected {n} each",

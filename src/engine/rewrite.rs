@@ -234,6 +234,21 @@ impl Consts {
     fn get(&self, name: &str) -> Option<&TensorProto> {
         self.small.get(name)
     }
+
+    /// Whether `value` is a scalar constant within 0.1 % of `expected` (exports
+    /// round √2 and √(2/π) differently).
+    fn is(&self, value: &str, expected: f32) -> bool {
+        scalar(self, value).is_some_and(|v| (v - expected).abs() <= 1e-3 * expected.abs().max(1.0))
+    }
+
+    /// For a binary node, the operand that is not the constant `expected`.
+    fn other_operand(&self, node: &NodeProto, expected: f32) -> Option<String> {
+        match (&node.input[0], &node.input[1]) {
+            (l, r) if self.is(r, expected) => Some(l.clone()),
+            (l, r) if self.is(l, expected) => Some(r.clone()),
+            _ => None,
+        }
+    }
 }
 
 fn element_count(t: &TensorProto) -> usize {
@@ -674,25 +689,13 @@ fn fuse_tanh_gelu(graph: &mut GraphProto, report: &mut RewriteReport) {
     let consts = Consts::new(graph);
     let index = Index::new(graph);
     let node_of = |value: &str| index.producer.get(value).map(|&i| &graph.node[i]);
-    let is_const = |value: &str, expected: f32| {
-        scalar(&consts, value)
-            .is_some_and(|v| (v - expected).abs() <= 1e-3 * expected.abs().max(1.0))
-    };
-    // For a binary node, the operand that is not the given constant.
-    let other_than_const = |node: &NodeProto, expected: f32| -> Option<String> {
-        match (&node.input[0], &node.input[1]) {
-            (l, r) if is_const(r, expected) => Some(l.clone()),
-            (l, r) if is_const(l, expected) => Some(r.clone()),
-            _ => None,
-        }
-    };
     let sqrt_2_over_pi = (2.0f32 / std::f32::consts::PI).sqrt();
 
     // Walks from the Tanh input back to x, checking every constant on the way.
     let tanh_argument_x = |tanh: &NodeProto| -> Option<String> {
         let scaled = node_of(&tanh.input[0]).filter(|n| n.op_type == "Mul")?;
-        let inner =
-            node_of(&other_than_const(scaled, sqrt_2_over_pi)?).filter(|n| n.op_type == "Add")?;
+        let inner = node_of(&consts.other_operand(scaled, sqrt_2_over_pi)?)
+            .filter(|n| n.op_type == "Add")?;
         for (x, cubic) in [
             (&inner.input[0], &inner.input[1]),
             (&inner.input[1], &inner.input[0]),
@@ -700,12 +703,12 @@ fn fuse_tanh_gelu(graph: &mut GraphProto, report: &mut RewriteReport) {
             let Some(cubic) = node_of(cubic).filter(|n| n.op_type == "Mul") else {
                 continue;
             };
-            let Some(pow) = other_than_const(cubic, 0.044715) else {
+            let Some(pow) = consts.other_operand(cubic, 0.044715) else {
                 continue;
             };
             let Some(pow) = node_of(&pow) else { continue };
             let is_cube =
-                pow.op_type == "Pow" && pow.input.len() == 2 && is_const(&pow.input[1], 3.0);
+                pow.op_type == "Pow" && pow.input.len() == 2 && consts.is(&pow.input[1], 3.0);
             if is_cube && &pow.input[0] == x {
                 return Some(x.clone());
             }
@@ -725,7 +728,7 @@ fn fuse_tanh_gelu(graph: &mut GraphProto, report: &mut RewriteReport) {
             let Some(add1) = node_of(one_plus).filter(|n| n.op_type == "Add") else {
                 continue;
             };
-            let Some(tanh_out) = other_than_const(add1, 1.0) else {
+            let Some(tanh_out) = consts.other_operand(add1, 1.0) else {
                 continue;
             };
             let Some(tanh) = node_of(&tanh_out).filter(|n| n.op_type == "Tanh") else {
@@ -737,7 +740,7 @@ fn fuse_tanh_gelu(graph: &mut GraphProto, report: &mut RewriteReport) {
             let Some(half) = node_of(half_x).filter(|n| n.op_type == "Mul") else {
                 continue;
             };
-            if other_than_const(half, 0.5).as_deref() != Some(x.as_str()) {
+            if consts.other_operand(half, 0.5).as_deref() != Some(x.as_str()) {
                 continue;
             }
             replacements.push((
@@ -781,17 +784,6 @@ fn fuse_erf_gelu(graph: &mut GraphProto, report: &mut RewriteReport) {
             .filter(|_| !outputs.contains(&value.to_string()))
             .filter(|&i| graph.node[i].op_type == op)
     };
-    let is_const = |value: &str, expected: f32| {
-        scalar(&consts, value)
-            .is_some_and(|v| (v - expected).abs() <= 1e-3 * expected.abs().max(1.0))
-    };
-    let other_than_const = |node: &NodeProto, expected: f32| -> Option<String> {
-        match (&node.input[0], &node.input[1]) {
-            (l, r) if is_const(r, expected) => Some(l.clone()),
-            (l, r) if is_const(l, expected) => Some(r.clone()),
-            _ => None,
-        }
-    };
     let binary = |n: &NodeProto| n.input.len() == 2;
     let sqrt2 = std::f32::consts::SQRT_2;
 
@@ -801,8 +793,8 @@ fn fuse_erf_gelu(graph: &mut GraphProto, report: &mut RewriteReport) {
             continue;
         };
         let x = match scaled.op_type.as_str() {
-            "Div" if is_const(&scaled.input[1], sqrt2) => scaled.input[0].clone(),
-            "Mul" => match other_than_const(scaled, 1.0 / sqrt2) {
+            "Div" if consts.is(&scaled.input[1], sqrt2) => scaled.input[0].clone(),
+            "Mul" => match consts.other_operand(scaled, 1.0 / sqrt2) {
                 Some(x) => x,
                 None => continue,
             },
@@ -811,7 +803,7 @@ fn fuse_erf_gelu(graph: &mut GraphProto, report: &mut RewriteReport) {
         let Some(add1) = next(&erf.output[0], "Add").map(|i| &graph.node[i]) else {
             continue;
         };
-        if !binary(add1) || other_than_const(add1, 1.0).as_ref() != Some(&erf.output[0]) {
+        if !binary(add1) || consts.other_operand(add1, 1.0).as_ref() != Some(&erf.output[0]) {
             continue;
         }
         let Some(prod_ix) = next(&add1.output[0], "Mul") else {
@@ -831,7 +823,7 @@ fn fuse_erf_gelu(graph: &mut GraphProto, report: &mut RewriteReport) {
             match next(&prod.output[0], "Mul") {
                 Some(i)
                     if binary(&graph.node[i])
-                        && other_than_const(&graph.node[i], 0.5).as_ref()
+                        && consts.other_operand(&graph.node[i], 0.5).as_ref()
                             == Some(&prod.output[0]) =>
                 {
                     i
@@ -841,7 +833,7 @@ fn fuse_erf_gelu(graph: &mut GraphProto, report: &mut RewriteReport) {
         } else {
             // (x·0.5)·(1 + erf).
             let half = node_of(factor).filter(|n| n.op_type == "Mul" && binary(n));
-            if half.and_then(|h| other_than_const(h, 0.5)).as_ref() != Some(&x) {
+            if half.and_then(|h| consts.other_operand(h, 0.5)).as_ref() != Some(&x) {
                 continue;
             }
             prod_ix
